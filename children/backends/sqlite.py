@@ -1,0 +1,507 @@
+"""The embedded backend: one SQLite file (stdlib sqlite3, WAL), shared by processes and trees on a host.
+
+URL: ``sqlite:///relative/path.db`` (relative to the config file's folder, ``base_dir``) or
+``sqlite:////absolute/path.db``. Several queues (``name``) live in one file; any number of processes
+and trees may open it at once: every mutation is one ``BEGIN IMMEDIATE`` transaction, and
+``busy_timeout`` makes a writer wait for another instead of failing. Nothing is created until the
+path has been checked: a missing folder, a directory, a read-only, unreadable or corrupt file is a
+one-line ``BackendConfigError`` naming the path.
+
+Data model (schema version ``SCHEMA_VERSION`` in ``PRAGMA user_version``): one ``tasks`` table; a
+task's state follows from two columns. ``visible_at`` is when it can be leased next (NULL = dead);
+``leased`` says whether the future ``visible_at`` is a lease expiry or a delay. So an expired lease is
+simply a ready task, with no sweeper: ``ready`` = ``visible_at <= now``; ``leased``/``delayed`` =
+``visible_at > now`` with ``leased`` 1/0; ``dead`` = ``visible_at IS NULL``.
+
+- Task ids are the table's AUTOINCREMENT rowid as a decimal string: unique across processes, never
+  reused, increasing in enqueue order (compare numerically).
+- A receipt is ``f"{task_id}.{token}"``; every lease draws a fresh random 64-bit token, and every
+  settling statement matches both, so a stale receipt (its task leased again since) settles nothing.
+  A receipt stays valid until its task is settled or leased again: a holder whose lease expired but
+  whose task nobody has leased since may still ack or extend it.
+- ``tag=None`` leases any tag; a string leases exactly that tag (``""`` = untagged only).
+- Ready tasks are leased in the order they became ready (enqueue time, release delay, lease
+  expiry); a batch comes back sorted by id.
+- ``lease(wait_secs>0)`` and ``wait_for_work`` do not spin: they poll ``PRAGMA data_version`` (it
+  changes only when another connection commits) every ``POLL_SECS`` and query again only when it
+  changed or a delayed task or lease fell due.
+- Indexes: (queue, visible_at, leased, tag) serves leases of any tag or of untagged tasks and
+  the counts in ``stats()`` (index-only); (queue, tag, visible_at) serves leases of one tag. An
+  untagged task stores tag NULL and stays out of that partial index, so a queue that does not use
+  tags does not pay for it (measured: ~20 % of lease+ack time). (queue) finds the oldest task.
+  Lease and ack cost stays flat with queue length. A lease of untagged tasks (``tag=""``) steps
+  over ready tagged tasks in the index, which is cheap unless most ready tasks are tagged.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import quote
+
+from children.backends.base import (
+    Backend,
+    BackendConfigError,
+    BackendError,
+    BackendUnavailable,
+    Leased,
+    Limits,
+    Outcome,
+    QueueStats,
+    TaskInfo,
+    TaskState,
+)
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 5000  # a writer waits this long for another before BackendUnavailable
+POLL_SECS = 0.015  # how often a waiting lease looks at PRAGMA data_version
+CACHE_KIB = 64 * 1024  # page cache per connection: keeps the indexes of a 1 M-task queue in memory
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS tasks (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        queue       TEXT    NOT NULL,
+        tag         TEXT,                          -- NULL = untagged (keeps it out of tasks_tag)
+        payload     BLOB    NOT NULL,
+        attempt     INTEGER NOT NULL DEFAULT 0,
+        enqueued_at REAL    NOT NULL,
+        visible_at  REAL,                          -- NULL = dead
+        leased      INTEGER NOT NULL DEFAULT 0,    -- 1: a future visible_at is a lease expiry
+        token       INTEGER NOT NULL DEFAULT 0,    -- the current delivery's fence, 0 = not leased
+        last_error  TEXT    NOT NULL DEFAULT '',
+        dead_reason TEXT    NOT NULL DEFAULT ''
+    )""",
+    "CREATE INDEX IF NOT EXISTS tasks_visible ON tasks (queue, visible_at, leased, tag)",
+    "CREATE INDEX IF NOT EXISTS tasks_tag ON tasks (queue, tag, visible_at) WHERE tag IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS tasks_queue ON tasks (queue)",
+)
+
+# one statement per batch: pick the oldest ready ids by index, fence each with a fresh token
+_LEASE = ("UPDATE tasks SET visible_at = ?, leased = 1, token = random(), attempt = attempt + 1 "
+          "WHERE id IN (SELECT id FROM tasks WHERE {where} ORDER BY visible_at LIMIT ?) "
+          "RETURNING id, token, payload, attempt, tag")
+# which tasks a tag filter selects: None = any tag, "" = untagged only, else exactly that tag
+_TAG_WHERE = {None: "queue = ? AND visible_at {op} ?", "": "queue = ? AND tag IS NULL AND visible_at {op} ?"}
+_TAG_WHERE_ONE = "queue = ? AND tag = ? AND visible_at {op} ?"
+
+_COLUMNS = "id, payload, attempt, tag, enqueued_at, visible_at, leased, last_error, dead_reason"
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+# primary result codes (sqlite3.h)
+_BUSY, _LOCKED, _READONLY, _CORRUPT, _FULL, _CANTOPEN, _NOTADB = 5, 6, 8, 11, 13, 14, 26
+
+
+def _parse_receipt(receipt: str) -> tuple[int, int] | None:
+    """(task id, token) of a well-formed receipt, else None: a malformed receipt can only be LOST."""
+    id_text, _, token_text = receipt.partition(".")
+    try:
+        task_id, token = int(id_text), int(token_text)
+    except ValueError:
+        return None
+    return (task_id, token) if token != 0 else None  # 0 marks "not leased": never a valid fence
+
+
+def _marks(count: int) -> str:
+    return ",".join("?" * count)
+
+
+def resolve_path(url: str, base_dir: Path) -> Path:
+    """The database file a ``sqlite://`` URL names; BackendConfigError for any other shape."""
+    rest = url.split("://", 1)[1] if "://" in url else ""
+    if not rest.startswith("/") or "?" in rest or "#" in rest:
+        raise BackendConfigError(
+            f"queue.url = {url!r}: expected sqlite:///relative/path.db or sqlite:////absolute/path.db")
+    text = rest[1:]
+    if not text or text.endswith("/"):
+        raise BackendConfigError(f"queue.url = {url!r}: names no database file")
+    path = Path(text)
+    return (path if path.is_absolute() else Path(base_dir) / path).absolute()
+
+
+def check_path(path: Path) -> bool:
+    """Check, without creating or writing anything, that ``path`` can be our database.
+
+    Returns whether the file exists already. Raises BackendConfigError naming the path and the
+    problem: missing or unwritable folder, a directory, an unreadable or read-only file, a file
+    that is not an SQLite database.
+    """
+    folder = path.parent
+    if not folder.is_dir():
+        raise BackendConfigError(f"sqlite database {path}: folder {folder} does not exist; create it first")
+    if path.is_dir():
+        raise BackendConfigError(f"sqlite database {path}: is a directory, not a file")
+    if not path.exists():
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise BackendConfigError(f"sqlite database {path}: folder {folder} is not writable")
+        return False
+    if not path.is_file():
+        raise BackendConfigError(f"sqlite database {path}: is not a regular file")
+    # root passes os.access on a 0444 file: the mode bits say what the operator meant
+    if not os.access(path, os.R_OK):
+        raise BackendConfigError(f"sqlite database {path}: file is not readable")
+    if not os.access(path, os.W_OK) or not os.stat(path).st_mode & 0o222:
+        raise BackendConfigError(f"sqlite database {path}: file is read-only; make it writable")
+    # WAL needs to create path-wal and path-shm beside it
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BackendConfigError(f"sqlite database {path}: folder {folder} is not writable (WAL needs it)")
+    with open(path, "rb") as handle:
+        header = handle.read(len(_SQLITE_HEADER))
+    if header and header != _SQLITE_HEADER:
+        raise BackendConfigError(f"sqlite database {path}: file is not an SQLite database")
+    return True
+
+
+class SqliteBackend(Backend):
+    """A lease queue in one SQLite file; see the module docstring for URL, schema and semantics."""
+
+    name = "sqlite"
+
+    def __init__(self, url: str, name: str = "default", base_dir: Path | None = None) -> None:
+        self.path = resolve_path(url, base_dir or Path.cwd())
+        self.queue = name
+        self._limits = Limits(min_lease_secs=0.05, blocking_lease=True)
+        self._conn: sqlite3.Connection | None = None
+        exists = check_path(self.path)
+        try:
+            self._conn = self._connect(exists)
+            self._check_schema()  # before anything writes, even the switch to WAL
+            self._set_pragmas()
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise self._config_error(exc) from None
+        except BackendError:
+            self.close()
+            raise
+
+    def _config_error(self, exc: sqlite3.DatabaseError) -> BackendError:
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        if code in (_BUSY, _LOCKED):
+            return BackendUnavailable(f"sqlite database {self.path}: locked by another process ({exc})")
+        return BackendConfigError(f"sqlite database {self.path}: {exc}")
+
+    def _connect(self, exists: bool) -> sqlite3.Connection:
+        # mode=rw on an existing file: never create one behind a check that said it exists
+        uri = f"file:{quote(str(self.path))}?mode={'rw' if exists else 'rwc'}"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False,
+                               timeout=BUSY_TIMEOUT_MS / 1000, cached_statements=512)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        return conn
+
+    def _check_schema(self) -> None:
+        """Refuse, without writing, a file written by a newer leasetree or by something else."""
+        conn = self._db()
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise BackendConfigError(
+                f"sqlite database {self.path}: schema version {version} is newer than this leasetree "
+                f"understands ({SCHEMA_VERSION}); upgrade leasetree")
+        if version == 0 and conn.execute(
+                "SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'").fetchone()[0]:
+            raise BackendConfigError(
+                f"sqlite database {self.path}: holds other tables and is not a leasetree queue")
+
+    def _set_pragmas(self) -> None:
+        conn = self._db()
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise BackendConfigError(
+                f"sqlite database {self.path}: cannot use WAL mode (got {mode!r}); use a local disk")
+        # NORMAL under WAL: a commit survives a process crash; only an OS crash may lose the last ones
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+        conn.execute("PRAGMA temp_store = MEMORY")
+
+    def _migrate(self) -> None:
+        conn = self._db()
+        if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+            return
+        with self._write():
+            # re-read under the write lock: another process may have migrated meanwhile
+            self._check_schema()
+            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+                for statement in _SCHEMA:  # not executescript: it would COMMIT our transaction
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            # later schema versions add their steps here, each from the version before
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise BackendUnavailable(f"sqlite database {self.path}: backend is closed")
+        return self._conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; sqlite errors become BackendUnavailable or BackendConfigError."""
+        conn = self._db()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.DatabaseError as exc:
+            raise self._mapped(exc) from None
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        try:
+            yield self._db()
+        except sqlite3.DatabaseError as exc:
+            raise self._mapped(exc) from None
+
+    def _mapped(self, exc: sqlite3.DatabaseError) -> BackendError:
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        if code in (_READONLY, _CORRUPT, _NOTADB, _CANTOPEN):
+            return BackendConfigError(f"sqlite database {self.path}: {exc}")
+        # busy/locked past busy_timeout, disk full, I/O errors: the caller retries with backoff
+        return BackendUnavailable(f"sqlite database {self.path}: {exc}")
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    def _clamp_lease(self, lease_secs: float) -> float:
+        return min(max(lease_secs, self._limits.min_lease_secs), self._limits.max_lease_secs)
+
+    # -- the data path -------------------------------------------------------------------------
+    def lease(self, max_tasks: int, lease_secs: float, wait_secs: float = 0.0,
+              tag: str | None = None) -> list[Leased]:
+        max_tasks = min(max_tasks, self._limits.max_lease_batch)
+        if max_tasks <= 0:
+            return []
+        lease_secs = self._clamp_lease(lease_secs)
+        leased = self._lease_once(max_tasks, lease_secs, tag)
+        if leased or wait_secs <= 0:
+            return leased
+        deadline = time.monotonic() + wait_secs
+        while self._wait_for_change(deadline, tag):
+            leased = self._lease_once(max_tasks, lease_secs, tag)
+            if leased:
+                return leased
+        return []
+
+    def _lease_once(self, max_tasks: int, lease_secs: float, tag: str | None) -> list[Leased]:
+        where, key = self._tag_filter(tag, "<=")
+        with self._write() as conn:
+            now = time.time()
+            rows = conn.execute(_LEASE.format(where=where), (now + lease_secs, *key, now, max_tasks)
+                                ).fetchall()
+        rows.sort()
+        return [Leased(str(i), f"{i}.{token}", payload, attempt, tg or "")
+                for i, token, payload, attempt, tg in rows]
+
+    def _tag_filter(self, tag: str | None, op: str) -> tuple[str, tuple]:
+        """The WHERE clause (up to the time, compared with ``op``) and its parameters for ``tag``."""
+        if tag in _TAG_WHERE:
+            return _TAG_WHERE[tag].format(op=op), (self.queue,)
+        return _TAG_WHERE_ONE.format(op=op), (self.queue, tag)
+
+    def _wait_for_change(self, deadline: float, tag: str | None) -> bool:
+        """Sleep in POLL_SECS steps until another connection commits or a task falls due (True),
+        or until ``deadline`` on the monotonic clock (False)."""
+        with self._read() as conn:
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+            due = self._next_due(conn, tag)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                time.sleep(min(POLL_SECS, remaining))
+                if due is not None and time.time() >= due:
+                    return True
+                if conn.execute("PRAGMA data_version").fetchone()[0] != version:
+                    return True
+
+    def _next_due(self, conn: sqlite3.Connection, tag: str | None) -> float | None:
+        """When the next delayed task or lease falls due (wall clock), None if nothing will."""
+        where, key = self._tag_filter(tag, ">")
+        return conn.execute(f"SELECT min(visible_at) FROM tasks WHERE {where}", (*key, time.time())
+                            ).fetchone()[0]
+
+    def wait_for_work(self, timeout_secs: float) -> bool:
+        with self._read() as conn:
+            row = conn.execute("SELECT 1 FROM tasks WHERE queue = ? AND visible_at <= ? LIMIT 1",
+                               (self.queue, time.time())).fetchone()
+        if row is not None:
+            return True
+        return self._wait_for_change(time.monotonic() + max(0.0, timeout_secs), None)
+
+    def _settle(self, receipts: Sequence[str], sql: str, params: tuple) -> dict[str, Outcome]:
+        """Run ``sql`` (with ``{ids}``/``{tokens}`` IN-lists, returning id, token) on the receipts' tasks;
+        OK for each receipt whose task matched, LOST for the rest."""
+        parsed = {receipt: _parse_receipt(receipt) for receipt in receipts}
+        fences = [fence for fence in parsed.values() if fence is not None]
+        done: set[tuple[int, int]] = set()
+        if fences:
+            ids, tokens = zip(*fences, strict=True)
+            statement = sql.format(ids=_marks(len(ids)), tokens=_marks(len(tokens)))
+            with self._write() as conn:
+                # ids IN (...) AND token IN (...) fences exactly: a token is drawn for one delivery
+                # of one task, so a row's current token is in the list only if its receipt is
+                done = set(conn.execute(statement, (*params, self.queue, *ids, *tokens)))
+        return {receipt: Outcome.OK if fence in done else Outcome.LOST for receipt, fence in parsed.items()}
+
+    def extend(self, receipts: Sequence[str], lease_secs: float) -> dict[str, Outcome]:
+        until = time.time() + self._clamp_lease(lease_secs)
+        return self._settle(receipts, "UPDATE tasks SET visible_at = ? WHERE +queue = ? AND id IN ({ids}) "
+                                      "AND token IN ({tokens}) RETURNING id, token", (until,))
+
+    def ack(self, receipts: Sequence[str]) -> dict[str, Outcome]:
+        return self._settle(receipts, "DELETE FROM tasks WHERE +queue = ? AND id IN ({ids}) "
+                                      "AND token IN ({tokens}) RETURNING id, token", ())
+
+    def release(self, receipts: Sequence[str], delay_secs: float | Sequence[float] = 0.0,
+                errors: Sequence[str] | None = None) -> dict[str, Outcome]:
+        delays = _per_item(delay_secs, len(receipts), "release delay_secs")
+        errs = _per_item(errors, len(receipts), "release errors") if errors is not None else None
+        now = time.time()
+        rows = []
+        for i, receipt in enumerate(receipts):
+            err = errs[i] if errs is not None else None
+            rows.append((now + max(0.0, float(delays[i])), err, receipt))
+        return self._settle_each(
+            rows, "UPDATE tasks SET visible_at = ?, leased = 0, token = 0, "
+                  "last_error = coalesce(?, last_error) WHERE +queue = ? AND id = ? AND token = ?")
+
+    def dead_letter(self, receipts: Sequence[str], reason: str | Sequence[str]) -> dict[str, Outcome]:
+        reasons = _per_item(reason, len(receipts), "dead_letter reason")
+        return self._settle_each(
+            [(reasons[i], receipt) for i, receipt in enumerate(receipts)],
+            "UPDATE tasks SET visible_at = NULL, leased = 0, token = 0, dead_reason = ? "
+            "WHERE +queue = ? AND id = ? AND token = ?")
+
+    def _settle_each(self, rows: list[tuple], sql: str) -> dict[str, Outcome]:
+        """Run ``sql`` once per receipt (rows end with the receipt; its values come first), all in
+        one transaction; OK where it changed a row."""
+        out = {row[-1]: Outcome.LOST for row in rows}
+        parsed = []
+        for row in rows:
+            fence = _parse_receipt(row[-1])
+            if fence is not None:
+                parsed.append((row[-1], (*row[:-1], self.queue, *fence)))
+        if parsed:
+            with self._write() as conn:
+                for receipt, params in parsed:
+                    if conn.execute(sql, params).rowcount == 1:
+                        out[receipt] = Outcome.OK
+        return out
+
+    def enqueue(self, payloads: Sequence[bytes], delay_secs: float = 0.0, tag: str = "") -> list[str]:
+        cap = self._limits.max_payload_bytes
+        for payload in payloads:
+            if len(payload) > cap:
+                raise ValueError(f"payload of {len(payload)} bytes is over the {cap}-byte limit")
+        if not payloads:
+            return []
+        now = time.time()
+        visible = now + max(0.0, delay_secs)
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT INTO tasks (queue, tag, payload, enqueued_at, visible_at) VALUES (?, ?, ?, ?, ?)",
+                ((self.queue, tag or None, payload, now, visible) for payload in payloads))
+            # under the write lock AUTOINCREMENT hands out consecutive ids
+            last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        first = last - len(payloads) + 1
+        return [str(i) for i in range(first, last + 1)]
+
+    def stats(self) -> QueueStats:
+        with self._read() as conn:
+            now = time.time()
+            q = self.queue
+            ready = conn.execute("SELECT count(*) FROM tasks WHERE queue = ? AND visible_at <= ?",
+                                 (q, now)).fetchone()[0]
+            later = dict(conn.execute("SELECT leased, count(*) FROM tasks WHERE queue = ? AND visible_at > ? "
+                                      "GROUP BY leased", (q, now)).fetchall())
+            dead = conn.execute("SELECT count(*) FROM tasks WHERE queue = ? AND visible_at IS NULL",
+                                (q,)).fetchone()[0]
+            oldest = conn.execute("SELECT enqueued_at FROM tasks WHERE queue = ? AND visible_at IS NOT NULL "
+                                  "ORDER BY id LIMIT 1", (q,)).fetchone()
+        return QueueStats(ready, later.get(1, 0), later.get(0, 0), dead,
+                          None if oldest is None else max(0.0, now - oldest[0]))
+
+    # -- admin ---------------------------------------------------------------------------------
+    @staticmethod
+    def _info(row: tuple, now: float) -> TaskInfo:
+        task_id, payload, attempt, tag, enqueued_at, visible_at, leased, last_error, dead_reason = row
+        if visible_at is None:
+            state = TaskState.DEAD
+        elif visible_at <= now:
+            state, visible_at = TaskState.READY, None
+        else:
+            state = TaskState.LEASED if leased else TaskState.DELAYED
+        return TaskInfo(str(task_id), state, payload, attempt, tag or "", enqueued_at, visible_at,
+                        last_error, dead_reason)
+
+    def list_tasks(self, state: TaskState | None = None, limit: int = 100) -> list[TaskInfo]:
+        where = {
+            None: "",
+            TaskState.READY: "AND visible_at <= :now",
+            TaskState.LEASED: "AND visible_at > :now AND leased = 1",
+            TaskState.DELAYED: "AND visible_at > :now AND leased = 0",
+            TaskState.DEAD: "AND visible_at IS NULL",
+        }[state]
+        with self._read() as conn:
+            now = time.time()
+            rows = conn.execute(f"SELECT {_COLUMNS} FROM tasks WHERE queue = :q {where} ORDER BY id LIMIT :n",
+                                {"q": self.queue, "now": now, "n": max(0, limit)}).fetchall()
+        return [self._info(row, now) for row in rows]
+
+    def get(self, task_id: str) -> TaskInfo | None:
+        if not task_id.isdigit():
+            return None
+        with self._read() as conn:
+            row = conn.execute(f"SELECT {_COLUMNS} FROM tasks WHERE queue = ? AND id = ?",
+                               (self.queue, int(task_id))).fetchone()
+        return None if row is None else self._info(row, time.time())
+
+    @staticmethod
+    def _ids(task_ids: Sequence[str]) -> list[int]:
+        return [int(t) for t in task_ids if t.isdigit()]
+
+    def delete(self, task_ids: Sequence[str]) -> int:
+        ids = self._ids(task_ids)
+        if not ids:
+            return 0
+        with self._write() as conn:
+            return conn.execute(f"DELETE FROM tasks WHERE queue = ? AND id IN ({_marks(len(ids))})",
+                                (self.queue, *ids)).rowcount
+
+    def requeue_dead(self, task_ids: Sequence[str] | None = None) -> int:
+        sql = ("UPDATE tasks SET visible_at = ?, attempt = 0, dead_reason = '' "
+               "WHERE queue = ? AND visible_at IS NULL")
+        params: tuple = (time.time(), self.queue)
+        if task_ids is not None:
+            ids = self._ids(task_ids)
+            if not ids:
+                return 0
+            sql += f" AND id IN ({_marks(len(ids))})"
+            params += tuple(ids)
+        with self._write() as conn:
+            return conn.execute(sql, params).rowcount
+
+    def purge(self) -> int:
+        with self._write() as conn:
+            return conn.execute("DELETE FROM tasks WHERE queue = ?", (self.queue,)).rowcount
+
+    def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.close()
+
+
+def _per_item(value: float | str | Sequence, count: int, what: str) -> list:
+    if isinstance(value, (str, int, float)):
+        return [value] * count
+    items = list(value)
+    if len(items) != count:
+        raise ValueError(f"{what}: {len(items)} values for {count} receipts")
+    return items

@@ -1,0 +1,362 @@
+"""An executor process: runs the tasks the leaser hands it and reports each outcome.
+
+It holds at most what the leaser's credit gave it, runs up to ``slots`` at once, and remembers every
+outcome until the leaser confirms it settled (Forget): a Done lost with a dying leaser is reported
+again in the Hello the new leaser asks for (Sync), so a finished task is never run twice for want of
+a message. Commands run in their own process group with a timeout; callables run in this process
+(slots > 1: in threads).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from children import protocol as p
+from children.tasks import (
+    BadTarget,
+    CommandRun,
+    Task,
+    TaskTimeout,
+    call_task,
+    check_timeout,
+    finish_command,
+    load_callable,
+    post_output,
+    signal_group,
+    start_command,
+)
+from config.schema import Config
+from supervisor.rundir import endpoint
+
+# Exit codes the executor uses (the supervisor maps them to reasons).
+EXIT_RECYCLE = 0  # retired after max_tasks_per_child / max_memory_mb: a normal exit
+EXIT_BAD_TARGET = 78  # the command or callable cannot be loaded: restarting will not help
+
+DONE_FLUSH_ITEMS = 256
+DONE_FLUSH_SECS = 0.001
+PING_SECS = 1.0
+RETIRE_WAIT_SECS = 5.0  # after retiring, wait this long at most for the leaser's Forget
+
+
+def main(ctx: Any, config: dict[str, Any], index: int) -> int:
+    cfg = Config.from_dict(config)
+    return Executor(ctx, cfg, index).run()
+
+
+class Executor:
+    def __init__(self, ctx: Any, cfg: Config, index: int) -> None:
+        self.ctx = ctx
+        self.cfg = cfg
+        self.name = f"executor.{index}"
+        self.log = logging.getLogger(getattr(ctx, "path", self.name))
+        ex = cfg.executors
+        self.slots = max(1, int(ex.slots))
+        self.timeout = float(ex.timeout_secs)
+        self.output_url = ex.output_url
+        self.max_tasks = int(ex.max_tasks_per_child)
+        self.max_rss_kb = int(ex.max_memory_mb) * 1024
+        self.argv = list(ex.command) if not ex.callable else []
+        self.function = load_callable(ex.callable, list(ex.python_path)) if ex.callable else None
+        self.pool = ThreadPoolExecutor(self.slots, thread_name_prefix=self.name) \
+            if self.function is not None and self.slots > 1 else None
+        self.queue: deque[list[Any]] = deque()  # task items received, not started
+        self.commands: dict[int, CommandRun] = {}  # pidfd -> run
+        self.threads: dict[Future[Any], tuple[list[Any], float]] = {}
+        # A finished thread writes a byte here, so the poll wakes at once.
+        self.thread_wake_r, self.thread_wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.poller = zmq.Poller()
+        self.finished: dict[str, list[Any]] = {}  # receipt -> DoneItem, until Forget
+        self.outbox: list[list[Any]] = []  # DoneItems not yet sent
+        self.outbox_since = 0.0
+        self.done_count = 0
+        self.retiring = False
+        self.retired_at: float | None = None
+        self.serial = 0
+        self.workdir = Path(ctx.runtime_dir) / "work" / self.name
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.current: tuple[str, float] | None = None  # inline callable: (receipt, deadline)
+        self.stats: dict[str, Any] = {"tasks_total": 0, "failed_total": 0}
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> int:
+        zctx = zmq.Context()
+        self.sock = zctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, self.name.encode())
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.connect(endpoint(Path(self.ctx.runtime_dir), "leaser"))
+        if self.function is not None and self.slots == 1:
+            signal.signal(signal.SIGALRM, _raise_timeout)
+        self.send_hello()
+        self.ctx.ready()
+        poller = self.poller
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.ctx.wakeup_fd, zmq.POLLIN)
+        poller.register(self.thread_wake_r, zmq.POLLIN)
+        last_sent = time.monotonic()
+        try:
+            while True:
+                now = time.monotonic()
+                if self.ctx.stop_requested >= 2:
+                    self.abort_all("cold shutdown")
+                    self.flush_done(now)
+                    return 0
+                if self.ctx.stop_requested and not self.busy():
+                    self.flush_done(now)
+                    return 0
+                if self.retiring and not self.busy() and (not self.finished or now - (self.retired_at or now)
+                                                          > RETIRE_WAIT_SECS):
+                    self.flush_done(now)
+                    self.log.info("recycling after %d tasks", self.done_count)
+                    return EXIT_RECYCLE
+                self.start_work(now)
+                now = time.monotonic()
+                if self.outbox and (not self.queue or len(self.outbox) >= DONE_FLUSH_ITEMS
+                                    or now - self.outbox_since >= DONE_FLUSH_SECS):
+                    self.flush_done(now)
+                    last_sent = now
+                    self.maybe_retire(now)
+                timeout = self.poll_timeout(now, last_sent)
+                events = dict(poller.poll(timeout))
+                if self.ctx.wakeup_fd in events:
+                    self.ctx.clear_wakeup()
+                if self.sock in events:
+                    self.receive()
+                self.reap(events, time.monotonic())
+                if time.monotonic() - last_sent >= PING_SECS:
+                    self.send(p.Ping(self.name, os.getpid()))
+                    last_sent = time.monotonic()
+                self.report()
+        finally:
+            for run in self.commands.values():
+                signal_group(run, signal.SIGKILL)
+            if self.pool is not None:
+                self.pool.shutdown(wait=False, cancel_futures=True)
+            self.sock.close()
+            zctx.term()
+
+    def busy(self) -> bool:
+        return bool(self.queue or self.commands or self.threads or self.outbox)
+
+    def poll_timeout(self, now: float, last_sent: float) -> int:
+        if self.queue and self.can_start():
+            return 0
+        wake = last_sent + PING_SECS
+        if self.outbox:
+            wake = min(wake, self.outbox_since + DONE_FLUSH_SECS)
+        for run in self.commands.values():
+            wake = min(wake, run.killed_at + 5.0 if run.killed_at else run.deadline)
+        return max(0, int((wake - now) * 1000) + 1)
+
+    def receive(self) -> None:
+        while True:
+            try:
+                frame = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = p.decode(frame)
+            except p.ProtocolError as exc:
+                self.log.warning("dropped a malformed frame from the leaser: %s", exc)
+                continue
+            if isinstance(message, p.Tasks):
+                self.queue.extend(message.items)
+            elif isinstance(message, p.Forget):
+                for receipt in message.receipts:
+                    self.finished.pop(receipt, None)
+            elif isinstance(message, p.Abort):
+                self.abort(set(message.receipts), message.reason)
+            elif isinstance(message, p.Sync):
+                self.send_hello()
+            else:
+                self.log.warning("dropped an unexpected %s", type(message).__name__)
+
+    # -- running -----------------------------------------------------------------------------
+    def can_start(self) -> bool:
+        return len(self.commands) + len(self.threads) < self.slots
+
+    def start_work(self, now: float) -> None:
+        if self.function is not None and self.pool is None:
+            self.run_inline()
+            return
+        while self.queue and self.can_start() and not self.ctx.stop_requested >= 2:
+            item = self.queue.popleft()
+            task = Task(item[0], item[2], item[3], item[4])
+            if self.pool is not None:
+                future = self.pool.submit(call_task, self.function, task)
+                future.add_done_callback(self._wake)
+                self.threads[future] = (item, now)
+                continue
+            self.serial += 1
+            try:
+                run = start_command(self.argv, task, item[1], self.workdir, now, self.timeout, self.serial)
+            except OSError as exc:
+                self.complete(item, False, b"", f"cannot start {self.argv[0]!r}: {exc.strerror or exc}", 0.0)
+                continue
+            self.commands[run.pidfd] = run
+            self.poller.register(run.pidfd, zmq.POLLIN)
+
+    def run_inline(self) -> None:
+        """Run queued callable tasks in this thread, checking the socket now and then so Forget and
+        Abort are not starved by a long run of tiny tasks."""
+        checked = time.monotonic()
+        while self.queue and not self.ctx.stop_requested >= 2:
+            item = self.queue.popleft()
+            task = Task(item[0], item[2], item[3], item[4])
+            started = time.monotonic()
+            self.current = (item[1], started + self.timeout)
+            if self.timeout > 0:
+                signal.setitimer(signal.ITIMER_REAL, self.timeout)
+            try:
+                ok, output, error = call_task(self.function, task)  # type: ignore[arg-type]
+            finally:
+                if self.timeout > 0:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                self.current = None
+            finished = time.monotonic()
+            self.complete(item, ok, output, error, finished - started)
+            if len(self.outbox) >= DONE_FLUSH_ITEMS or finished - checked > 0.005:
+                break
+
+    def _wake(self, _future: Future[Any]) -> None:
+        try:
+            os.write(self.thread_wake_w, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already
+
+    def reap(self, events: dict[Any, int], now: float) -> None:
+        for pidfd, run in list(self.commands.items()):
+            if pidfd in events or run.process.poll() is not None:
+                if run.process.poll() is None:
+                    continue
+                del self.commands[pidfd]
+                self.poller.unregister(pidfd)
+                ok, output, error = finish_command(run)
+                self.complete([run.task.id, run.receipt, b"", run.task.attempt, run.task.tag],
+                              ok, output, error, now - run.started)
+            else:
+                check_timeout(run, now)
+        if self.thread_wake_r in events:
+            try:
+                while os.read(self.thread_wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        if self.threads:
+            for future in [f for f in self.threads if f.done()]:
+                item, started = self.threads.pop(future)
+                ok, output, error = future.result()
+                self.complete(item, ok, output, error, now - started)
+
+    def complete(self, item: list[Any], ok: bool, output: bytes, error: str, seconds: float) -> None:
+        task_id, receipt = item[0], item[1]
+        if ok and self.output_url:
+            failure = post_output(self.output_url + task_id, output, min(60.0, max(1.0, self.timeout)))
+            if failure:
+                ok, error = False, failure
+        done = [task_id, receipt, ok, error, item[3], round(seconds, 6)]
+        self.finished[receipt] = done
+        if not self.outbox:
+            self.outbox_since = time.monotonic()
+        self.outbox.append(done)
+        self.done_count += 1
+        self.stats["tasks_total"] += 1
+        if not ok:
+            self.stats["failed_total"] += 1
+            self.log.info("task %s attempt %d failed: %s", task_id, item[3], error)
+
+    def flush_done(self, now: float) -> None:
+        if self.outbox:
+            self.send(p.Done(self.outbox))
+            self.outbox = []
+
+    def abort(self, receipts: set[str], reason: str) -> None:
+        """Stop tasks whose lease is lost (or all, on a cold stop): never keep running a task that
+        another host may be running now."""
+        everything = not receipts
+        kept = deque(i for i in self.queue if not (everything or i[1] in receipts))
+        for item in self.queue:
+            if everything or item[1] in receipts:
+                self.complete(item, False, b"", reason, 0.0)
+        self.queue = kept
+        for run in self.commands.values():
+            if everything or run.receipt in receipts:
+                run.timed_out = False
+                signal_group(run, signal.SIGKILL)
+
+    def abort_all(self, reason: str) -> None:
+        self.abort(set(), reason)
+        deadline = time.monotonic() + 2.0
+        while self.commands and time.monotonic() < deadline:
+            for pidfd, run in list(self.commands.items()):
+                if run.process.poll() is not None:
+                    del self.commands[pidfd]
+                    self.poller.unregister(pidfd)
+                    finish_command(run)
+                    self.complete([run.task.id, run.receipt, b"", run.task.attempt, run.task.tag],
+                                  False, b"", reason, 0.0)
+            time.sleep(0.005)
+
+    # -- talking to the leaser ---------------------------------------------------------------
+    def send(self, message: p.Message) -> None:
+        try:
+            self.sock.send(p.encode(message), zmq.NOBLOCK)
+        except zmq.Again:
+            # No leaser connected right now: the Hello after its Sync carries what matters.
+            pass
+
+    def held_items(self) -> list[list[Any]]:
+        now = time.monotonic()
+        held = [[i[0], i[1], i[3], 0.0] for i in self.queue]
+        held += [[r.task.id, r.receipt, r.task.attempt, now - r.started] for r in self.commands.values()]
+        held += [[i[0], i[1], i[3], now - s] for i, s in self.threads.values()]
+        return held
+
+    def send_hello(self) -> None:
+        slots = 0 if self.retiring else self.slots
+        self.send(p.Hello(self.name, "executor", os.getpid(), slots, self.held_items(),
+                          list(self.finished.values())))
+
+    def maybe_retire(self, now: float) -> None:
+        if self.retiring:
+            return
+        over_tasks = self.max_tasks and self.done_count >= self.max_tasks
+        over_memory = self.max_rss_kb and _rss_kb() >= self.max_rss_kb
+        if over_tasks or over_memory:
+            self.retiring = True
+            self.retired_at = now
+            self.log.info("retiring: %s", "max_tasks_per_child reached" if over_tasks
+                          else "max_memory_mb reached")
+            self.send_hello()
+
+    def report(self) -> None:
+        self.stats["running"] = len(self.commands) + len(self.threads)
+        self.stats["queued"] = len(self.queue)
+        self.ctx.report(self.stats)
+
+
+def _raise_timeout(signum: int, frame: Any) -> None:
+    raise TaskTimeout()
+
+
+def _rss_kb() -> int:
+    try:
+        with open("/proc/self/statm") as handle:
+            pages = int(handle.read().split()[1])
+        return pages * (os.sysconf("SC_PAGE_SIZE") // 1024)
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+__all__ = ["main", "Executor", "BadTarget"]

@@ -1,0 +1,323 @@
+"""The leaser process: leases tasks in batches, hands them to executors by credit, extends the leases
+of everything not yet settled, and forwards completions to the reaper.
+
+It owns task state on this host (``children/ledger.py`` holds it, purely). Its socket is a ROUTER
+that executors and the reaper connect to; a peer it does not know (after either side restarted) is
+asked for a Hello and reports everything it holds, so state is rebuilt from the peers, not guessed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from children import protocol as p
+from children.backends import BackendError, BackendUnavailable, Leased, Outcome, open_backend
+from children.ledger import Ledger, Policy
+from children.ratelimit import TokenBucket
+from children.retry import dead_reason
+from config.schema import Config
+from supervisor.rundir import endpoint
+
+MIN_IDLE_SECS = 0.01  # first wait after an empty lease; doubles up to leaser.idle_poll_secs
+BLOCKING_WAIT_CAP_SECS = 0.25  # a blocking lease never holds the loop longer than this
+MAX_ERROR_BACKOFF_SECS = 30.0
+BURST_EMPTY_CHECKS = 2
+
+
+def main(ctx: Any, config: dict[str, Any], burst: bool = False) -> int:
+    cfg = Config.from_dict(config)
+    return Leaser(ctx, cfg, burst).run()
+
+
+class Leaser:
+    def __init__(self, ctx: Any, cfg: Config, burst: bool) -> None:
+        self.ctx = ctx
+        self.cfg = cfg
+        self.burst = burst
+        self.log = logging.getLogger(getattr(ctx, "path", "leaser"))
+        lc = cfg.leaser
+        self.lease_secs = float(lc.lease_secs)
+        self.max_in_flight = int(lc.max_in_flight)
+        self.min_running = int(lc.min_running_tasks)
+        self.batch_wait = float(lc.batch_wait_secs)
+        self.idle_cap = float(lc.idle_poll_secs)
+        self.tag = lc.tag or None
+        self.backend = open_backend(cfg.queue.url, cfg.queue.name, cfg.base_dir)
+        self.blocking = self.backend.limits.blocking_lease
+        self.ledger = Ledger(Policy(self.lease_secs, float(lc.max_lease_secs), int(cfg.retry.max_attempts),
+                                    resend_secs=max(2.0, 20 * float(cfg.reaper.max_latency_ms) / 1000.0)))
+        self.bucket = TokenBucket(float(lc.requests_per_sec))
+        self.next_lease_at = 0.0
+        self.idle_wait = 0.0
+        self.last_lease_at = float("-inf")
+        self.errors_in_row = 0
+        self.empty_checks = 0
+        self.reaper_incarnation: int | None = None
+        self.stats: dict[str, Any] = {"lease_calls_total": 0, "extend_calls_total": 0,
+                                      "backend_errors_total": 0, "dead_lettered_total": 0}
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> int:
+        zctx = zmq.Context()
+        sock = self.sock = zctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a peer that is gone raises, not vanishes
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.bind(endpoint(Path(self.ctx.runtime_dir), "leaser"))
+        os.chmod(Path(self.ctx.runtime_dir) / "leaser.ipc", 0o600)
+        self.ctx.ready()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self.ctx.wakeup_fd, zmq.POLLIN)
+        try:
+            while True:
+                now = time.monotonic()
+                if self.ctx.stop_requested >= 2:
+                    return self.stop_cold()
+                if self.ctx.stop_requested:
+                    self.release_held("warm shutdown")
+                elif self.lease_due(now):
+                    if self.lease(now) is False and self.burst_finished():
+                        self.log.info("burst: queue empty and everything settled")
+                        return 0
+                self.dispatch(time.monotonic())
+                self.extend(time.monotonic())
+                self.forward_settles(time.monotonic())
+                if self.ctx.stop_requested and not self.ledger.entries:
+                    return 0
+                events = dict(poller.poll(self.poll_timeout(time.monotonic())))
+                if self.ctx.wakeup_fd in events:
+                    self.ctx.clear_wakeup()
+                if sock in events:
+                    self.receive(time.monotonic())
+                self.report()
+        finally:
+            self.backend.close()
+            sock.close()
+            zctx.term()
+
+    def poll_timeout(self, now: float) -> int:
+        wake = now + 1.0
+        if not self.ctx.stop_requested and self.ledger.want(self.max_in_flight) > 0 and self.ledger.capacity():
+            wake = min(wake, self.next_lease_at)
+        extension = self.ledger.next_extension_at()
+        if extension is not None:
+            wake = min(wake, extension - self.lease_secs * 0.1)
+        if self.ledger.to_settle:
+            wake = now
+        return max(0, int((wake - now) * 1000) + 1)
+
+    # -- leasing -----------------------------------------------------------------------------
+    def lease_due(self, now: float) -> bool:
+        if now < self.next_lease_at or not self.ledger.capacity():
+            return False
+        want = self.ledger.want(self.max_in_flight)
+        if want <= 0:
+            return False
+        if self.min_running and self.ledger.in_flight() > self.min_running:
+            # the seed's batching of lease calls: wait until few remain, or batch_wait_secs passed
+            return now - self.last_lease_at >= self.batch_wait
+        return True
+
+    def lease(self, now: float) -> bool | None:
+        """One lease call. Returns True if tasks came, False if the queue was empty, None on error."""
+        wait = self.bucket.wait_secs(now)
+        if wait > 0:
+            self.next_lease_at = now + wait
+            return None
+        want = min(self.ledger.want(self.max_in_flight), self.backend.limits.max_lease_batch)
+        idle = self.ledger.in_flight() == 0
+        # Block in the backend only when there is nothing else to do, and never for long: the loop
+        # must still answer its peers and signals.
+        wait_secs = min(self.idle_wait, BLOCKING_WAIT_CAP_SECS) if idle and self.idle_wait else 0.0
+        self.bucket.take(now)
+        self.stats["lease_calls_total"] += 1
+        try:
+            tasks = self.backend.lease(want, self.lease_secs, wait_secs, self.tag)
+        except BackendError as exc:
+            self.backend_failed("lease", exc, now)
+            return None
+        self.errors_in_row = 0
+        now = time.monotonic()
+        self.last_lease_at = now
+        if not tasks:
+            self.idle_wait = min(self.idle_cap, max(MIN_IDLE_SECS, self.idle_wait * 2))
+            # a blocking backend already waited in the call; a polling one waits in our loop
+            self.next_lease_at = now if (self.blocking and wait_secs) else now + self.idle_wait
+            return False
+        self.idle_wait = 0.0
+        self.empty_checks = 0
+        self.next_lease_at = now
+        too_many = self.ledger.add_leased(tasks, now)
+        if too_many:
+            self.dead_letter_now(too_many)
+        return True
+
+    def burst_finished(self) -> bool:
+        if not self.burst or self.ledger.entries:
+            return False
+        self.empty_checks += 1
+        if self.empty_checks < BURST_EMPTY_CHECKS:
+            return False
+        try:
+            stats = self.backend.stats()
+        except BackendError:
+            return False
+        # delayed tasks (retries waiting out their backoff) are still work for this run
+        return stats.ready == 0 and stats.delayed == 0
+
+    def dead_letter_now(self, tasks: list[Leased]) -> None:
+        """Tasks leased past max_attempts (their executors kept dying, or their leases kept
+        running out): straight to the dead letter."""
+        receipts = [t.receipt for t in tasks]
+        try:
+            self.backend.dead_letter(receipts, [dead_reason(t.attempt - 1, "lease expired or executor died")
+                                                for t in tasks])
+            self.stats["dead_lettered_total"] += len(receipts)
+        except BackendError as exc:
+            self.log.warning("dead-lettering %d tasks failed, their leases will expire: %s", len(receipts), exc)
+
+    def backend_failed(self, call: str, exc: BackendError, now: float) -> None:
+        self.stats["backend_errors_total"] += 1
+        self.errors_in_row += 1
+        delay = min(MAX_ERROR_BACKOFF_SECS, 0.1 * 2 ** min(self.errors_in_row, 10))
+        self.next_lease_at = now + delay
+        if self.errors_in_row in (1, 10) or self.errors_in_row % 100 == 0:
+            self.log.warning("backend %s failed (%d in a row), retrying in %.1fs: %s",
+                             call, self.errors_in_row, delay, exc)
+        if not isinstance(exc, BackendUnavailable):
+            self.log.error("backend %s: %s", call, exc)
+
+    # -- peers -------------------------------------------------------------------------------
+    def send(self, peer: str, message: p.Message) -> bool:
+        try:
+            self.sock.send_multipart([peer.encode(), p.encode(message)], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                return False  # the peer is gone; its next incarnation will say Hello
+            if exc.errno == zmq.EAGAIN:
+                return False
+            raise
+
+    def receive(self, now: float) -> None:
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                self.log.warning("dropped a message of %d frames", len(frames))
+                continue
+            peer = frames[0].decode(errors="replace")
+            try:
+                message = p.decode(frames[1])
+            except p.ProtocolError as exc:
+                self.log.warning("dropped a malformed frame from %s: %s", peer, exc)
+                continue
+            self.handle(peer, message, now)
+
+    def handle(self, peer: str, message: p.Message, now: float) -> None:
+        known = self.ledger.peers.get(peer)
+        if isinstance(message, p.Hello):
+            if message.kind == "reaper":
+                self.reaper_incarnation = message.incarnation
+                self.ledger.on_hello(peer, "reaper", message.incarnation, 0, [], [], now)
+                # a new reaper lost whatever the old one held: send it everything unconfirmed
+                self.send_settles(self.ledger.take_settles(now, reaper_restarted=True))
+                return
+            if known is None or known.incarnation != message.incarnation:
+                self.log.info("%s joined (pid %d, %d slots, holding %d)", peer, message.incarnation,
+                              message.slots, len(message.running) + len(message.finished))
+            self.ledger.on_hello(peer, "executor", message.incarnation, message.slots,
+                                 message.running, message.finished, now)
+            return
+        if known is None or (isinstance(message, p.Ping) and message.incarnation != known.incarnation):
+            self.send(peer, p.Sync(os.getpid()))
+            return
+        if isinstance(message, p.Done):
+            forget = self.ledger.on_done(peer, message.items, now)
+            if forget:
+                self.send(peer, p.Forget(forget))
+        elif isinstance(message, p.Settled):
+            for executor, receipts in self.ledger.on_settled(message.receipts, message.outcomes).items():
+                self.send(executor, p.Forget(receipts))
+        elif not isinstance(message, p.Ping):
+            self.log.warning("dropped an unexpected %s from %s", type(message).__name__, peer)
+
+    def dispatch(self, now: float) -> None:
+        for peer, items in self.ledger.dispatch(now):
+            if not self.send(peer, p.Tasks(items)):
+                # It died between its Hello and now: its next incarnation's Hello fails these.
+                self.log.info("%s unreachable; %d tasks wait for its restart", peer, len(items))
+
+    def forward_settles(self, now: float) -> None:
+        if self.ledger.to_settle or self.ledger.entries:
+            self.send_settles(self.ledger.take_settles(now))
+
+    def send_settles(self, items: list[list[Any]]) -> None:
+        if items and self.reaper_incarnation is not None:
+            self.send("reaper", p.Settle(items))
+
+    # -- leases ------------------------------------------------------------------------------
+    def extend(self, now: float) -> None:
+        extension = self.ledger.next_extension_at()
+        if extension is None or extension - self.lease_secs * 0.1 > now:
+            return
+        due = self.ledger.due_extensions(now)
+        cap = self.backend.limits.max_extend_batch
+        for start in range(0, len(due), cap):
+            chunk = due[start:start + cap]
+            self.stats["extend_calls_total"] += 1
+            try:
+                results = self.backend.extend(chunk, self.lease_secs)
+            except BackendError as exc:
+                self.backend_failed("extend", exc, now)
+                results = {r: Outcome.RETRY for r in chunk}
+            lost = self.ledger.extended({r: o.value for r, o in results.items()}, time.monotonic())
+            for peer, receipt in lost:
+                self.log.warning("lease of %s lost while it ran on %s: stopping it", receipt, peer)
+                self.send(peer, p.Abort([receipt], "lease lost"))
+
+    # -- stopping ----------------------------------------------------------------------------
+    def release_held(self, why: str) -> None:
+        held = self.ledger.take_held()
+        if not held:
+            return
+        try:
+            self.backend.release(held, 0.0)
+            self.log.info("%s: released %d tasks not yet started", why, len(held))
+        except BackendError as exc:
+            self.log.warning("%s: releasing %d tasks failed, their leases will expire: %s", why, len(held), exc)
+
+    def stop_cold(self) -> int:
+        """Second signal: kill running tasks, release everything not acked, and go."""
+        for peer in list(self.ledger.peers):
+            if self.ledger.peers[peer].kind == "executor":
+                self.send(peer, p.Abort([], "cold shutdown"))
+        self.release_held("cold shutdown")
+        pending = list(self.ledger.entries.values())
+        done_ok = [e.receipt for e in pending if e.state == "finished" and e.ok]
+        rest = [e.receipt for e in pending if e.receipt not in set(done_ok)]
+        try:
+            if done_ok:
+                self.backend.ack(done_ok)
+            if rest:
+                self.backend.release(rest, 0.0, ["cold shutdown"] * len(rest))
+            self.log.info("cold shutdown: acked %d, released %d", len(done_ok), len(rest))
+        except BackendError as exc:
+            self.log.warning("cold shutdown: settling failed, leases will expire: %s", exc)
+        return 0
+
+    def report(self) -> None:
+        stats = dict(self.stats)
+        stats.update(self.ledger.counters)
+        stats.update(self.ledger.gauges())
+        self.ctx.report(stats)

@@ -1,0 +1,370 @@
+"""The leaser's ledger: every task this host holds, from lease to settlement. Pure: no I/O, no clock.
+
+A task moves ``held`` (leased, not yet given to an executor) -> ``running`` (an executor said it has
+it) -> ``finished`` (the executor reported the outcome) -> gone (the reaper confirmed it settled).
+Every entry not yet settled has its lease extended, so a task that waits, runs or waits for its ack
+is never handed to another host behind our back.
+
+The shell (``children/leaser.py``) feeds events in with ``now`` (a monotonic time) and performs what
+the methods return: messages to send, receipts to extend, items to settle.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from children.backends.base import Leased
+
+HELD, RUNNING, FINISHED = "held", "running", "finished"
+
+# A task shorter than this is dispatched in runs rather than one per free slot, so that the
+# per-message cost is shared; a run is sized to about this much work, which bounds how long an idle
+# executor can wait behind another's buffer.
+RUN_TARGET_SECS = 0.002
+MAX_RUN = 256
+
+
+@dataclass(slots=True)
+class Entry:
+    task_id: str
+    receipt: str
+    payload: bytes | None
+    attempt: int
+    tag: str
+    leased_at: float
+    deadline: float  # when the lease runs out unless extended
+    next_extend: float
+    state: str = HELD
+    peer: str = ""
+    dispatched_at: float | None = None
+    ok: bool = False
+    error: str = ""
+    settle_sent_at: float | None = None
+
+
+@dataclass(slots=True)
+class Peer:
+    name: str
+    kind: str
+    incarnation: int
+    slots: int
+    retiring: bool = False
+    running: set[str] = field(default_factory=set)  # receipts
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    lease_secs: float
+    max_lease_secs: float
+    max_attempts: int
+    resend_secs: float = 2.0  # re-send a Settle the reaper has not confirmed after this long
+
+
+class Ledger:
+    """State of every task held on this host. Methods take ``now`` and return what to do."""
+
+    def __init__(self, policy: Policy, rng: random.Random | None = None) -> None:
+        self.policy = policy
+        self.rng = rng or random.Random()
+        self.entries: dict[str, Entry] = {}
+        self.by_task: dict[str, str] = {}  # task id -> current receipt
+        self.aliases: dict[str, str] = {}  # an older receipt of a task we re-leased -> current one
+        self.held: deque[str] = deque()
+        self.peers: dict[str, Peer] = {}
+        self.to_settle: list[str] = []  # finished receipts not yet sent to the reaper
+        self.task_secs = 0.0  # moving average of task run time, sizes dispatch runs
+        self.counters: dict[str, int] = {
+            "leased_total": 0, "dispatched_total": 0, "succeeded_total": 0, "failed_total": 0,
+            "settled_total": 0, "lost_total": 0, "duplicates_skipped_total": 0,
+        }
+
+    # -- leasing -----------------------------------------------------------------------------
+    def in_flight(self) -> int:
+        return len(self.entries)
+
+    def capacity(self) -> int:
+        """Slots of the executors that can take work."""
+        return sum(p.slots for p in self.peers.values() if p.kind == "executor" and not p.retiring)
+
+    def want(self, max_in_flight: int) -> int:
+        """How many tasks to lease now. ``max_in_flight`` 0 means enough to keep every slot busy
+        for one more round, sized by the dispatch run."""
+        limit = max_in_flight or max(1, self.capacity()) * (1 + self.run_length())
+        return max(0, limit - len(self.entries))
+
+    def add_leased(self, tasks: list[Leased], now: float) -> list[Leased]:
+        """Take newly leased deliveries. Returns those that must be dead-lettered at once (attempt
+        beyond max_attempts: a task that keeps killing its executors or timing out its leases)."""
+        too_many: list[Leased] = []
+        for task in tasks:
+            self.counters["leased_total"] += 1
+            current = self.by_task.get(task.task_id)
+            if current is not None and current in self.entries:
+                # Our own lease ran out and we leased the task again while it still runs here: keep
+                # one copy, settle with the fresh receipt (the old one is stale now).
+                self._rebind(current, task, now)
+                self.counters["duplicates_skipped_total"] += 1
+                continue
+            if task.attempt > self.policy.max_attempts:
+                too_many.append(task)
+                continue
+            entry = Entry(task.task_id, task.receipt, task.payload, task.attempt, task.tag,
+                          leased_at=now, deadline=now + self.policy.lease_secs,
+                          next_extend=self._next_extend(now))
+            self.entries[task.receipt] = entry
+            self.by_task[task.task_id] = task.receipt
+            self.held.append(task.receipt)
+        return too_many
+
+    def _rebind(self, old: str, task: Leased, now: float) -> None:
+        entry = self.entries.pop(old)
+        entry.receipt = task.receipt
+        entry.attempt = task.attempt
+        entry.deadline = now + self.policy.lease_secs
+        entry.next_extend = self._next_extend(now)
+        self.entries[task.receipt] = entry
+        self.by_task[task.task_id] = task.receipt
+        self.aliases[old] = task.receipt
+        if entry.state == HELD:
+            self.held = deque(task.receipt if r == old else r for r in self.held)
+        elif entry.peer in self.peers:
+            running = self.peers[entry.peer].running
+            if old in running:
+                running.discard(old)
+                running.add(task.receipt)
+        if old in self.to_settle:
+            self.to_settle = [task.receipt if r == old else r for r in self.to_settle]
+
+    def _next_extend(self, now: float) -> float:
+        # Before 0.9 of the lease, jittered so that many hosts do not extend in lock-step.
+        return now + self.policy.lease_secs * self.rng.uniform(0.6, 0.85)
+
+    # -- dispatch ----------------------------------------------------------------------------
+    def run_length(self) -> int:
+        """Tasks to hand an executor per free slot: 1 for real work, more for tiny tasks."""
+        if self.task_secs <= 0.0:
+            return 1
+        return max(1, min(MAX_RUN, int(RUN_TARGET_SECS / self.task_secs)))
+
+    def dispatch(self, now: float) -> list[tuple[str, list[list[Any]]]]:
+        """Hand held tasks to executors with free credit; returns (peer, task items) to send."""
+        out: list[tuple[str, list[list[Any]]]] = []
+        if not self.held:
+            return out
+        run = self.run_length()
+        # Credit is counted in tasks: an executor may hold ``slots * run`` of them. Most free credit
+        # first, so work spreads evenly and no executor idles while another has a backlog.
+        credit = {p.name: p.slots * run - len(p.running) for p in self.peers.values()
+                  if p.kind == "executor" and not p.retiring}
+        for name in sorted(credit, key=lambda n: -credit[n]):
+            if not self.held:
+                break
+            peer = self.peers[name]
+            budget = min(credit[name], len(self.held))
+            if budget <= 0:
+                continue
+            items = []
+            for _ in range(budget):
+                receipt = self.held.popleft()
+                entry = self.entries[receipt]
+                entry.state = RUNNING
+                entry.peer = peer.name
+                entry.dispatched_at = now
+                peer.running.add(receipt)
+                items.append([entry.task_id, receipt, entry.payload or b"", entry.attempt, entry.tag])
+                entry.payload = None  # the executor has it now; do not keep 10 MB twice
+            self.counters["dispatched_total"] += len(items)
+            out.append((peer.name, items))
+        return out
+
+    # -- peers -------------------------------------------------------------------------------
+    def on_hello(self, name: str, kind: str, incarnation: int, slots: int, running: list[list[Any]],
+                 finished: list[list[Any]], now: float) -> None:
+        """A peer (re)introduced itself. A new incarnation of an executor means the old one died:
+        what we had given it and it does not report is failed (and so released or dead-lettered)."""
+        old = self.peers.get(name)
+        reported = {item[1] for item in running} | {item[1] for item in finished}
+        if old is not None and old.kind == "executor":
+            for receipt in list(old.running):
+                receipt = self.aliases.get(receipt, receipt)
+                if receipt not in reported and receipt in self.entries:
+                    died = "executor died" if old.incarnation != incarnation else "executor lost it"
+                    self._finish(self.entries[receipt], False, f"{died} ({name}, pid {old.incarnation})", 0.0)
+        peer = Peer(name, kind, incarnation, slots, retiring=(kind == "executor" and slots == 0))
+        self.peers[name] = peer
+        if kind != "executor":
+            return
+        for task_id, receipt, attempt, running_secs in running:
+            receipt = self.aliases.get(receipt, receipt)
+            entry = self.entries.get(receipt)
+            if entry is None:
+                # We restarted: adopt the task, extend its lease at once (its deadline is unknown).
+                entry = Entry(task_id, receipt, None, attempt, "", leased_at=now - running_secs,
+                              deadline=now, next_extend=now, state=RUNNING)
+                self.entries[receipt] = entry
+                self.by_task[task_id] = receipt
+            elif entry.state == HELD:
+                self.held.remove(receipt)
+            entry.state, entry.peer = RUNNING, name
+            entry.dispatched_at = entry.dispatched_at or now - running_secs
+            peer.running.add(receipt)
+        self.on_done(name, finished, now, adopting=True)
+
+    def on_done(self, name: str, items: list[list[Any]], now: float, adopting: bool = False) -> list[str]:
+        """An executor reported completions. Returns receipts it should forget because we no longer
+        hold them (lease lost, or already settled)."""
+        peer = self.peers.get(name)
+        forget: list[str] = []
+        for task_id, receipt, ok, error, attempt, seconds in items:
+            current = self.aliases.get(receipt, receipt)
+            entry = self.entries.get(current)
+            if peer is not None:
+                peer.running.discard(receipt)
+                peer.running.discard(current)
+            if entry is None:
+                if self.by_task.get(task_id) is None and peer is not None and adopting:
+                    # Adopted after our restart: we never saw this lease, settle it as reported.
+                    entry = Entry(task_id, current, None, attempt, "", now, now, now, RUNNING, name)
+                    self.entries[current] = entry
+                    self.by_task[task_id] = current
+                else:
+                    forget.append(receipt)
+                    continue
+            if entry.state == FINISHED:
+                continue
+            self._finish(entry, bool(ok), error, float(seconds))
+        return forget
+
+    def _finish(self, entry: Entry, ok: bool, error: str, seconds: float) -> None:
+        entry.state, entry.ok, entry.error = FINISHED, ok, error
+        self.counters["succeeded_total" if ok else "failed_total"] += 1
+        if seconds > 0:
+            self.task_secs = seconds if self.task_secs == 0 else 0.9 * self.task_secs + 0.1 * seconds
+        self.to_settle.append(entry.receipt)
+
+    def executor_gone(self, name: str) -> None:
+        """The executor will not come back (pool shrank): fail what it held."""
+        peer = self.peers.pop(name, None)
+        if peer is None:
+            return
+        for receipt in list(peer.running):
+            entry = self.entries.get(self.aliases.get(receipt, receipt))
+            if entry is not None and entry.state == RUNNING:
+                self._finish(entry, False, f"executor {name} stopped", 0.0)
+
+    # -- settling ----------------------------------------------------------------------------
+    def take_settles(self, now: float, reaper_restarted: bool = False) -> list[list[Any]]:
+        """Settle items to send to the reaper: new completions, plus any not confirmed within
+        ``resend_secs`` (a message to a peer that died is lost), or all of them after a reaper
+        restart."""
+        items: list[list[Any]] = []
+        fresh, self.to_settle = self.to_settle, []
+        for receipt in fresh:
+            entry = self.entries.get(receipt)
+            if entry is not None and entry.settle_sent_at is None:
+                entry.settle_sent_at = now
+                items.append(self._settle_item(entry))
+        cutoff = now - self.policy.resend_secs
+        if reaper_restarted or (self.entries and self._oldest_unconfirmed(cutoff)):
+            for entry in self.entries.values():
+                sent = entry.settle_sent_at
+                if sent is not None and sent != now and (reaper_restarted or sent <= cutoff):
+                    entry.settle_sent_at = now
+                    items.append(self._settle_item(entry))
+        return items
+
+    def _oldest_unconfirmed(self, cutoff: float) -> bool:
+        return any(e.settle_sent_at is not None and e.settle_sent_at <= cutoff
+                   for e in self.entries.values())
+
+    def _settle_item(self, entry: Entry) -> list[Any]:
+        return [entry.task_id, entry.receipt, entry.ok, entry.error, entry.attempt]
+
+    def on_settled(self, receipts: list[str], outcomes: list[str]) -> dict[str, list[str]]:
+        """The reaper settled these. Returns, per executor, the receipts it may forget."""
+        forget: dict[str, list[str]] = {}
+        for receipt, outcome in zip(receipts, outcomes, strict=False):
+            entry = self.entries.pop(receipt, None)
+            if entry is None:
+                continue
+            self.counters["settled_total"] += 1
+            if outcome == "lost":
+                self.counters["lost_total"] += 1
+            if self.by_task.get(entry.task_id) == receipt:
+                del self.by_task[entry.task_id]
+            if entry.peer:
+                forget.setdefault(entry.peer, []).append(receipt)
+        if not self.entries:
+            self.aliases.clear()
+        elif len(self.aliases) > 4 * len(self.entries) + 1024:
+            live = set(self.entries)
+            self.aliases = {old: new for old, new in self.aliases.items() if new in live}
+        return forget
+
+    # -- leases ------------------------------------------------------------------------------
+    def next_extension_at(self) -> float | None:
+        candidates = [e.next_extend for e in self.entries.values() if self._extendable(e, e.next_extend)]
+        return min(candidates) if candidates else None
+
+    def _extendable(self, entry: Entry, now: float) -> bool:
+        start = entry.dispatched_at if entry.dispatched_at is not None else entry.leased_at
+        return now - start < self.policy.max_lease_secs
+
+    def due_extensions(self, now: float) -> list[str]:
+        """Receipts whose lease should be extended now. Everything due within the next tenth of a
+        lease goes in the same call, so extensions batch instead of trickling."""
+        horizon = now + self.policy.lease_secs * 0.1
+        return [r for r, e in self.entries.items() if e.next_extend <= horizon and self._extendable(e, now)]
+
+    def extended(self, results: dict[str, str], now: float) -> list[tuple[str, str]]:
+        """Apply extend outcomes. Returns (peer, receipt) of running tasks whose lease is lost: the
+        executor must stop them, since another host may run them now."""
+        lost: list[tuple[str, str]] = []
+        for receipt, outcome in results.items():
+            entry = self.entries.get(receipt)
+            if entry is None:
+                continue
+            if outcome == "ok":
+                entry.deadline = now + self.policy.lease_secs
+                entry.next_extend = self._next_extend(now)
+            elif outcome == "lost":
+                self.counters["lost_total"] += 1
+                self._drop(entry)
+                if entry.state == RUNNING and entry.peer:
+                    lost.append((entry.peer, receipt))
+            else:  # retry: try again soon, well before the deadline
+                entry.next_extend = now + min(1.0, self.policy.lease_secs * 0.05)
+        return lost
+
+    def _drop(self, entry: Entry) -> None:
+        self.entries.pop(entry.receipt, None)
+        if self.by_task.get(entry.task_id) == entry.receipt:
+            del self.by_task[entry.task_id]
+        if entry.state == HELD:
+            try:
+                self.held.remove(entry.receipt)
+            except ValueError:
+                pass
+        peer = self.peers.get(entry.peer)
+        if peer is not None:
+            peer.running.discard(entry.receipt)
+
+    def take_held(self) -> list[str]:
+        """Remove every task not yet dispatched (warm shutdown releases them)."""
+        receipts = list(self.held)
+        self.held.clear()
+        for receipt in receipts:
+            entry = self.entries.pop(receipt)
+            if self.by_task.get(entry.task_id) == receipt:
+                del self.by_task[entry.task_id]
+        return receipts
+
+    def gauges(self) -> dict[str, int]:
+        running = sum(1 for e in self.entries.values() if e.state == RUNNING)
+        finished = sum(1 for e in self.entries.values() if e.state == FINISHED)
+        return {"in_flight": len(self.entries), "held": len(self.held), "running": running,
+                "unsettled": finished, "executors": sum(1 for p in self.peers.values() if p.kind == "executor"),
+                "capacity": self.capacity()}

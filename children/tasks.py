@@ -1,0 +1,213 @@
+"""Running one task: a command (the seed's ``executable_binary INPUT_FILE OUTPUT_FILE``) or a Python
+callable, and posting its output. Used by the executor process; no sockets here."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# After SIGTERM to a timed-out command's process group, SIGKILL follows this much later.
+KILL_GRACE_SECS = 5.0
+ERROR_TAIL_BYTES = 400
+PR_SET_PDEATHSIG = 1
+
+_libc: Any = None
+
+
+def _set_pdeathsig() -> None:
+    """In the forked task process: die with the executor, so a killed executor never leaves a task
+    running that the leaser is about to hand to someone else."""
+    if _libc is not None:
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _load_libc() -> None:
+    global _libc
+    try:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover - not Linux
+        _libc = None
+
+
+_load_libc()
+
+
+@dataclass(slots=True)
+class Task:
+    """What a callable receives."""
+
+    id: str
+    payload: bytes
+    attempt: int
+    tag: str
+
+
+class TaskTimeout(Exception):
+    """Raised inside a callable that ran past ``timeout_secs``."""
+
+
+class BadTarget(Exception):
+    """The configured command or callable cannot be used; one line, for the operator."""
+
+
+def load_callable(spec: str, python_path: list[str]) -> Callable[[Task], Any]:
+    """Import ``package.module:function`` once; raises BadTarget with one line."""
+    for folder in reversed(python_path):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    module_name, _, function_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise BadTarget(f"executors.callable = {spec!r}: cannot import {module_name!r}: "
+                        f"{exc.__class__.__name__}: {exc}") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise BadTarget(f"executors.callable = {spec!r}: {module_name} has no function {function_name!r}")
+    return function
+
+
+def call_task(function: Callable[[Task], Any], task: Task) -> tuple[bool, bytes, str]:
+    """Run a callable task; returns (ok, output, error)."""
+    try:
+        result = function(task)
+    except TaskTimeout:
+        return False, b"", "timeout: ran past executors.timeout_secs"
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a task's failure (SystemExit included) is its own
+        return False, b"", f"{exc.__class__.__name__}: {exc}"[:ERROR_TAIL_BYTES * 2]
+    if result is None:
+        return True, b"", ""
+    if isinstance(result, bytes):
+        return True, result, ""
+    if isinstance(result, str):
+        return True, result.encode(), ""
+    return False, b"", f"callable returned {type(result).__name__}; expected bytes, str or None"
+
+
+def post_output(url: str, output: bytes, timeout_secs: float) -> str:
+    """POST the output; returns "" on a 2xx, else the error (the task then counts as failed and is
+    retried, as the seed deleted a task only after its output was posted)."""
+    request = urllib.request.Request(url, data=output, method="POST",
+                                     headers={"Content-Type": "application/octet-stream"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_secs) as response:
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        return f"output_url answered {exc.code}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return f"output_url failed: {reason}"
+    return "" if 200 <= status < 300 else f"output_url answered {status}"
+
+
+@dataclass(slots=True)
+class CommandRun:
+    """One command task in flight."""
+
+    task: Task
+    receipt: str
+    process: subprocess.Popen[bytes]
+    pidfd: int
+    started: float
+    deadline: float
+    infile: Path
+    outfile: Path
+    errfile: Path
+    killed_at: float | None = None
+    timed_out: bool = False
+
+
+def start_command(argv: list[str], task: Task, receipt: str, workdir: Path, now: float,
+                  timeout_secs: float, serial: int) -> CommandRun:
+    """Write the payload to an input file and start ``argv + [infile, outfile]`` in its own process
+    group; the payload never reaches a command line or a shell. Raises OSError (e.g. not found)."""
+    base = workdir / f"t{serial}"
+    infile, outfile, errfile = base.with_suffix(".in"), base.with_suffix(".out"), base.with_suffix(".err")
+    infile.write_bytes(task.payload)
+    env = dict(os.environ, SUPERVISE_TASK_ID=task.id, SUPERVISE_TASK_ATTEMPT=str(task.attempt),
+               SUPERVISE_TASK_TAG=task.tag)
+    with open(errfile, "wb") as err:
+        process = subprocess.Popen(
+            [*argv, str(infile), str(outfile)], stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+            env=env, start_new_session=True, preexec_fn=_set_pdeathsig, close_fds=True)
+    return CommandRun(task, receipt, process, os.pidfd_open(process.pid), now, now + timeout_secs,
+                      infile, outfile, errfile)
+
+
+def signal_group(run: CommandRun, signum: int) -> None:
+    try:
+        os.killpg(run.process.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def finish_command(run: CommandRun) -> tuple[bool, bytes, str]:
+    """Collect a command that exited; kill what it left in its group; clean its files."""
+    code = run.process.wait()
+    # Anything the command left behind in its process group goes with it.
+    signal_group(run, signal.SIGKILL)
+    os.close(run.pidfd)
+    output = b""
+    try:
+        output = run.outfile.read_bytes()
+    except FileNotFoundError:
+        pass
+    error = ""
+    if run.timed_out:
+        error = "timeout: ran past executors.timeout_secs; process group killed"
+    elif code != 0:
+        tail = _tail(run.errfile)
+        reason = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+        error = f"{reason}: {tail}" if tail else reason
+    for path in (run.infile, run.outfile, run.errfile):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+    return (code == 0 and not run.timed_out), output, error
+
+
+def _tail(path: Path) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - ERROR_TAIL_BYTES))
+            data = handle.read()
+    except OSError:
+        return ""
+    lines = [line for line in data.decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def check_timeout(run: CommandRun, now: float) -> float | None:
+    """Enforce the timeout: SIGTERM to the group at the deadline, SIGKILL after the grace.
+    Returns when to look again (None once the SIGKILL went out)."""
+    if now < run.deadline:
+        return run.deadline
+    if run.killed_at is None:
+        run.timed_out = True
+        run.killed_at = now
+        signal_group(run, signal.SIGTERM)
+        return now + KILL_GRACE_SECS
+    if now >= run.killed_at + KILL_GRACE_SECS:
+        signal_group(run, signal.SIGKILL)
+        return None
+    return run.killed_at + KILL_GRACE_SECS
+
+
+def monotonic() -> float:
+    return time.monotonic()

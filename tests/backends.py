@@ -1,0 +1,141 @@
+"""The backends the tests run against, by name; the conformance suite runs every one of them.
+
+``BACKENDS[name](queue)`` opens a handle on queue ``queue`` of that backend. Calling it again with
+the same queue name, in this process or in a spawned one, opens another handle on the same queue
+(that is how the suite races holders). Give each test its own queue name (``unique_queue()``).
+
+To add a backend that needs a server (redis, postgresql, nats, sqs):
+1. add its factory to ``BACKENDS``;
+2. add a probe to ``PROBES`` returning ``(True, "")`` when the server answers, else
+   ``(False, "why, e.g. no Redis on 127.0.0.1:6379")``; tests call ``available(name)`` and, when it is
+   False, ``require_server(name, reason)``, which FAILS under ``CI=true`` and SKIPS otherwise;
+3. if its queues live inside one process only, add it to ``PROCESS_LOCAL``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+from children.backends.base import Backend
+from children.backends.memory import MemoryBackend
+from children.backends.sqlite import SqliteBackend
+
+_TEST_DIR_ENV = "LEASETREE_TEST_DIR"
+
+
+def test_dir() -> Path:
+    """A folder private to this test session, shared with the processes it spawns (through the
+    environment, which spawned children inherit) and removed when the session's process exits."""
+    folder = os.environ.get(_TEST_DIR_ENV)
+    if folder and os.path.isdir(folder):
+        return Path(folder)
+    folder = tempfile.mkdtemp(prefix="leasetree-tests-")
+    os.environ[_TEST_DIR_ENV] = folder
+    owner = os.getpid()
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, ignore_errors=True))
+    return Path(folder)
+
+
+test_dir.__test__ = False  # type: ignore[attr-defined]  # not a test, whatever its name
+
+
+def unique_queue(prefix: str = "q") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def _memory(queue: str) -> Backend:
+    # the key makes handles with the same queue name share one store in this process
+    return MemoryBackend("memory://tests", queue)
+
+
+def _sqlite(queue: str) -> Backend:
+    # one file for every queue of the session: it also proves queues in one file stay apart
+    return SqliteBackend("sqlite:///conformance.db", queue, test_dir())
+
+
+# redis and postgresql: the servers on this machine, or LEASETREE_TEST_<NAME>_URL
+SERVER_URLS = {
+    "redis": os.environ.get("LEASETREE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
+    "postgresql": os.environ.get("LEASETREE_TEST_POSTGRESQL_URL", "postgresql://postgres@127.0.0.1:5432/test"),
+}
+
+
+def _server_backend(name: str, queue: str) -> Backend:
+    from children.backends import open_backend
+
+    return open_backend(SERVER_URLS[name], queue, test_dir())
+
+
+@functools.cache
+def _probe(name: str) -> tuple[bool, str]:
+    """Open a handle and ask for stats: proves driver, server and credentials in one call (once per
+    session: a server does not come and go during a test run)."""
+    from children.backends import BackendError
+
+    try:
+        backend = _server_backend(name, "probe")
+        try:
+            backend.stats()
+        finally:
+            backend.close()
+    except (BackendError, ModuleNotFoundError) as exc:
+        return False, f"{SERVER_URLS[name]}: {exc}"
+    return True, ""
+
+
+BACKENDS: dict[str, Callable[[str], Backend]] = {
+    "memory": _memory,
+    "sqlite": _sqlite,
+    "redis": lambda queue: _server_backend("redis", queue),
+    "postgresql": lambda queue: _server_backend("postgresql", queue),
+}
+
+#: backends whose queues cannot be reached from another process
+PROCESS_LOCAL: set[str] = {"memory"}
+
+#: name -> probe answering (reachable, reason); backends without a probe are always available
+PROBES: dict[str, Callable[[], tuple[bool, str]]] = {
+    "redis": lambda: _probe("redis"),
+    "postgresql": lambda: _probe("postgresql"),
+}
+
+
+def available(name: str) -> tuple[bool, str]:
+    """Whether backend ``name`` can run here, and if not, why (one line)."""
+    if name not in BACKENDS:
+        return False, f"no backend named {name!r} in tests/backends.py"
+    probe = PROBES.get(name)
+    return probe() if probe else (True, "")
+
+
+def require_server(name: str, reason: str) -> NoReturn:
+    """Stop this test because backend ``name`` cannot run: a failure when ``CI=true`` (CI must run
+    every backend), a skip with the reason otherwise."""
+    message = f"{name} backend unavailable: {reason}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def lease_until_empty(kind: str, queue: str, batch: int, start, results) -> None:
+    """Child-process body for the racing tests: open a handle, wait for ``start`` (an Event), lease
+    in batches of ``batch`` until the queue is empty, and put the task ids it got on ``results``."""
+    backend = BACKENDS[kind](queue)
+    try:
+        start.wait(30)
+        got: list[str] = []
+        while batch_got := backend.lease(batch, 300.0):
+            got.extend(task.task_id for task in batch_got)
+        results.put(got)
+    finally:
+        backend.close()

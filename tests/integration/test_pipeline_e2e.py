@@ -1,0 +1,271 @@
+"""`supervise config.toml` end to end on SQLite: real processes, real sockets, a real queue file."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import (
+    RunningTree,
+    enqueue,
+    queue_stats,
+    records,
+    supervise,
+    wait_until,
+    write_config,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def drained(config: Path) -> bool:
+    stats = queue_stats(config)
+    return stats.ready == 0 and stats.leased == 0 and stats.delayed == 0
+
+
+def test_burst_drains_10k_tasks_each_run_once(tmp_path):
+    config = write_config(tmp_path)
+    record = tmp_path / "runs.txt"
+    enqueue(config, ["ok"] * 10_000)
+    with RunningTree(config, record, burst=True) as tree:
+        assert tree.wait_exit(timeout=150) == 0, tree.output()
+        assert tree.leftovers() == []
+    runs = records(record)
+    assert len(runs) == 10_000
+    assert set(runs.values()) == {1}
+    stats = queue_stats(config)
+    assert (stats.ready, stats.leased, stats.delayed, stats.dead) == (0, 0, 0, 0)
+
+
+class Recorder(http.server.BaseHTTPRequestHandler):
+    posts: dict[str, bytes] = {}
+    status = 200
+
+    def do_POST(self):  # noqa: N802 - the stdlib's name
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Recorder.posts[self.path] = body
+        self.send_response(Recorder.status)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_sink():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    Recorder.posts, Recorder.status = {}, 200
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/out/", Recorder
+    server.shutdown()
+
+
+def test_command_task_gets_input_and_output_files_and_output_is_posted(tmp_path, http_sink):
+    url, recorder = http_sink
+    script = tmp_path / "upper.sh"
+    script.write_text('#!/bin/sh\n[ -n "$SUPERVISE_TASK_ID" ] || exit 9\ntr a-z A-Z < "$1" > "$2"\n')
+    script.chmod(0o755)
+    config = write_config(tmp_path, executors={"command": [str(script)], "output_url": url})
+    enqueue(config, ["hello", "world"])
+    with RunningTree(config, burst=True) as tree:
+        assert tree.wait_exit(timeout=60) == 0, tree.output()
+    assert sorted(recorder.posts.values()) == [b"HELLO\n", b"WORLD\n"]
+    assert all(path.startswith("/out/") for path in recorder.posts)
+    assert drained(config) and queue_stats(config).dead == 0
+
+
+def test_output_url_answering_500_is_retried_not_acked(tmp_path, http_sink):
+    url, recorder = http_sink
+    recorder.status = 500
+    config = write_config(tmp_path, executors={"output_url": url}, retry={"max_attempts": 2})
+    enqueue(config, ["echo:x"])
+    with RunningTree(config, burst=True) as tree:
+        assert tree.wait_exit(timeout=60) == 0, tree.output()
+    stats = queue_stats(config)
+    assert stats.dead == 1
+    from children.backends import TaskState, open_backend
+    from config import load
+    cfg = load(config)
+    with open_backend(cfg.queue.url, cfg.queue.name, cfg.base_dir) as backend:
+        (dead,) = backend.list_tasks(TaskState.DEAD)
+    assert "output_url answered 500" in dead.dead_reason
+
+
+def test_failing_task_is_retried_with_backoff_then_dead_lettered_and_flaky_succeeds(tmp_path):
+    config = write_config(tmp_path, retry={"max_attempts": 3, "backoff_secs": 0.05})
+    record = tmp_path / "runs.txt"
+    enqueue(config, ["fail", "flaky:3", "ok"])
+    with RunningTree(config, record, burst=True) as tree:
+        assert tree.wait_exit(timeout=60) == 0, tree.output()
+    lines = [line.split() for line in record.read_text().splitlines()]
+    attempts = {}
+    for task_id, attempt, _pid, payload in lines:
+        attempts.setdefault(payload, []).append(int(attempt))
+    assert attempts["b'fail'"] == [1, 2, 3]
+    assert attempts["b'flaky:3'"] == [1, 2, 3]
+    assert attempts["b'ok'"] == [1]
+    stats = queue_stats(config)
+    assert (stats.ready, stats.leased, stats.delayed, stats.dead) == (0, 0, 0, 1)
+
+
+def test_task_that_kills_its_executor_ends_in_dead_letter_and_the_rest_run(tmp_path):
+    config = write_config(tmp_path, retry={"max_attempts": 3})
+    record = tmp_path / "runs.txt"
+    enqueue(config, ["crash"] + ["ok"] * 50)
+    with RunningTree(config, record, burst=True) as tree:
+        assert tree.wait_exit(timeout=90) == 0, tree.output()
+    runs = records(record)
+    assert len(runs) == 51
+    stats = queue_stats(config)
+    assert (stats.ready, stats.leased, stats.delayed, stats.dead) == (0, 0, 0, 1)
+
+
+def test_command_past_its_timeout_is_killed_with_its_children(tmp_path):
+    pidfile = tmp_path / "pids"
+    script = tmp_path / "hang.sh"
+    script.write_text(f'#!/bin/sh\nsleep 300 &\necho $! >> {pidfile}\necho $$ >> {pidfile}\nwait\n')
+    script.chmod(0o755)
+    config = write_config(tmp_path, executors={"command": [str(script)], "timeout_secs": 0.5},
+                          retry={"max_attempts": 1})
+    enqueue(config, ["x"])
+    with RunningTree(config, burst=True) as tree:
+        assert tree.wait_exit(timeout=60) == 0, tree.output()
+    pids = [int(x) for x in pidfile.read_text().split()]
+    assert len(pids) == 2
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or _is_zombie(pid)
+    assert queue_stats(config).dead == 1
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except OSError:
+        return True
+
+
+def test_sigterm_drains_running_tasks_and_leaves_the_rest_ready_with_no_lease(tmp_path):
+    config = write_config(tmp_path, executors={"count": 2}, leaser={"max_in_flight": 6})
+    record = tmp_path / "runs.txt"
+    enqueue(config, ["sleep:1.5"] * 20)
+    with RunningTree(config, record) as tree:
+        wait_until(lambda: len(records(record)) >= 2, 30, "two tasks to start")
+        tree.signal(signal.SIGTERM)
+        assert tree.wait_exit(timeout=60) == 0, tree.output()
+        assert tree.leftovers() == []
+    started = records(record)
+    stats = queue_stats(config)
+    # every task that started finished and was acked; the rest are ready, none leased
+    assert stats.leased == 0 and stats.dead == 0
+    assert stats.ready == 20 - len(started)
+
+
+def test_kill_9_of_random_children_under_load_loses_nothing(tmp_path):
+    config = write_config(tmp_path, supervisor={"intensity": 1000, "period_secs": 60, "heartbeat_secs": 0.5},
+                          leaser={"lease_secs": 3})
+    record = tmp_path / "runs.txt"
+    total = 2000
+    enqueue(config, ["sleep:0.002"] * total)
+    rng = random.Random(7)
+    kills = 0
+    with RunningTree(config, record) as tree:
+        tree.wait_ready()
+        deadline = time.monotonic() + 100
+        while len(records(record)) < total * 0.8 and time.monotonic() < deadline:
+            pids = tree.child_pids()
+            if pids:
+                victim = rng.choice(sorted(pids))
+                try:
+                    os.kill(pids[victim], signal.SIGKILL)
+                    kills += 1
+                except ProcessLookupError:
+                    pass
+            time.sleep(rng.uniform(0.2, 0.4))  # the chaos cadence itself, not a synchronisation
+        wait_until(lambda: drained(config), 120, "the queue to drain after the kills")
+        assert tree.process.poll() is None, "the tree gave up: " + tree.output()
+    runs = records(record)
+    assert kills >= 5
+    assert len(runs) == total  # nothing lost
+    assert queue_stats(config).dead == 0
+
+
+def test_kill_9_of_the_root_leaves_nothing_and_a_new_tree_finishes(tmp_path):
+    config = write_config(tmp_path, leaser={"lease_secs": 2})
+    record = tmp_path / "runs.txt"
+    enqueue(config, ["sleep:0.2"] * 40)
+    with RunningTree(config, record) as tree:
+        wait_until(lambda: len(records(record)) >= 4, 30, "tasks to start")
+        tree.process.send_signal(signal.SIGKILL)
+        tree.process.wait(timeout=10)
+        wait_until(lambda: tree.leftovers() == [], 5, "every process of the killed tree to be gone")
+    with RunningTree(config, record, burst=True) as second:
+        assert second.wait_exit(timeout=90) == 0, second.output()
+    assert set(records(record)) == set(records(record))  # ids recorded
+    assert len(records(record)) == 40
+    assert drained(config) and queue_stats(config).dead == 0
+
+
+def test_task_longer_than_its_lease_runs_once_with_a_second_tree_on_the_queue(tmp_path):
+    first = write_config(tmp_path, "a.toml", leaser={"lease_secs": 1}, executors={"count": 1})
+    second = write_config(tmp_path, "b.toml", leaser={"lease_secs": 1}, executors={"count": 1})
+    record = tmp_path / "runs.txt"
+    enqueue(first, ["sleep:4"])
+    with RunningTree(first, record) as a:
+        wait_until(lambda: len(records(record)) == 1, 30, "the task to start on tree a")
+        with RunningTree(second, record) as b:
+            b.wait_ready()
+            wait_until(lambda: drained(first), 30, "the long task to finish")
+    assert list(records(record).values()) == [1]
+
+
+def test_two_trees_on_one_queue_one_killed_the_other_finishes(tmp_path):
+    first = write_config(tmp_path, "a.toml", leaser={"lease_secs": 2})
+    second = write_config(tmp_path, "b.toml", leaser={"lease_secs": 2})
+    record = tmp_path / "runs.txt"
+    total = 300
+    enqueue(first, ["sleep:0.01"] * total)
+    with RunningTree(first, record) as a, RunningTree(second, record) as b:
+        wait_until(lambda: len(records(record)) >= 30, 30, "work to start")
+        a.process.send_signal(signal.SIGKILL)
+        wait_until(lambda: drained(second), 90, "tree b to finish everything")
+        assert b.process.poll() is None
+    assert len(records(record)) == total
+    assert queue_stats(second).dead == 0
+
+
+def test_supervise_run_with_a_missing_command_is_one_line_and_exit_2(tmp_path):
+    config = write_config(tmp_path, executors={"command": ["/no/such/program"]})
+    result = supervise("run", str(config))
+    assert result.returncode == 2
+    err = result.stderr.decode().strip().splitlines()
+    assert len(err) == 1 and "/no/such/program" in err[0] and "not found" in err[0]
+
+
+def test_status_and_stop_commands_against_a_running_tree(tmp_path):
+    config = write_config(tmp_path)
+    enqueue(config, ["ok"] * 10)
+    with RunningTree(config) as tree:
+        status = tree.wait_ready()
+        ids = {c["id"] for c in status["children"]}
+        assert {"reaper", "executors", "leaser"} <= ids
+        wait_until(lambda: drained(config), 30, "the queue to drain")
+        text = supervise("status", str(config))
+        assert text.returncode == 0 and b"leaser" in text.stdout
+        stopped = supervise("stop", str(config))
+        assert stopped.returncode == 0, stopped.stderr
+        assert tree.wait_exit(timeout=30) == 0
+    assert supervise("status", str(config)).returncode == 1  # no tree running now
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-x", "-q"]))
