@@ -86,6 +86,7 @@ class Executor:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.current: tuple[str, float] | None = None  # inline callable: (receipt, deadline)
         self.stats: dict[str, Any] = {"tasks_total": 0, "failed_total": 0}
+        self.reported_at = 0.0
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -341,6 +342,10 @@ class Executor:
             self.send_hello()
 
     def report(self) -> None:
+        now = time.monotonic()
+        if now - self.reported_at < 0.2:
+            return
+        self.reported_at = now
         self.stats["running"] = len(self.commands) + len(self.threads)
         self.stats["queued"] = len(self.queue)
         self.ctx.report(self.stats)

@@ -28,6 +28,9 @@ MIN_IDLE_SECS = 0.01  # first wait after an empty lease; doubles up to leaser.id
 BLOCKING_WAIT_CAP_SECS = 0.25  # a blocking lease never holds the loop longer than this
 MAX_ERROR_BACKOFF_SECS = 30.0
 BURST_EMPTY_CHECKS = 2
+FORGET_SECS = 0.1
+FORGET_BATCH = 4096
+REPORT_SECS = 0.2  # stats for the heartbeat; gathering them costs a scan of the ledger
 
 
 def main(ctx: Any, config: dict[str, Any], burst: bool = False) -> int:
@@ -59,6 +62,10 @@ class Leaser:
         self.errors_in_row = 0
         self.empty_checks = 0
         self.reaper_incarnation: int | None = None
+        # Forget is only bookkeeping for the executors: send it in large, infrequent batches
+        self.forget: dict[str, list[str]] = {}
+        self.forget_sent_at = 0.0
+        self.reported_at = 0.0
         self.stats: dict[str, Any] = {"lease_calls_total": 0, "extend_calls_total": 0,
                                       "backend_errors_total": 0, "dead_lettered_total": 0}
 
@@ -85,12 +92,17 @@ class Leaser:
                     self.release_held("warm shutdown")
                 elif self.lease_due(now):
                     if self.lease(now) is False and self.burst_finished():
-                        self.log.info("burst: queue empty and everything settled")
+                        c = self.ledger.counters
+                        self.log.info("burst done: queue empty and everything settled (%d succeeded, "
+                                      "%d failed attempts)", c["succeeded_total"], c["failed_total"])
+                        self.send_forgets(time.monotonic(), everything=True)
                         return 0
                 self.dispatch(time.monotonic())
                 self.extend(time.monotonic())
                 self.forward_settles(time.monotonic())
+                self.send_forgets(time.monotonic())
                 if self.ctx.stop_requested and not self.ledger.entries:
+                    self.send_forgets(time.monotonic(), everything=True)
                     return 0
                 events = dict(poller.poll(self.poll_timeout(time.monotonic())))
                 if self.ctx.wakeup_fd in events:
@@ -110,6 +122,8 @@ class Leaser:
         extension = self.ledger.next_extension_at()
         if extension is not None:
             wake = min(wake, extension - self.lease_secs * 0.1)
+        if self.forget:
+            wake = min(wake, self.forget_sent_at + FORGET_SECS)
         if self.ledger.to_settle:
             wake = now
         return max(0, int((wake - now) * 1000) + 1)
@@ -248,7 +262,7 @@ class Leaser:
                 self.send(peer, p.Forget(forget))
         elif isinstance(message, p.Settled):
             for executor, receipts in self.ledger.on_settled(message.receipts, message.outcomes).items():
-                self.send(executor, p.Forget(receipts))
+                self.forget.setdefault(executor, []).extend(receipts)
         elif not isinstance(message, p.Ping):
             self.log.warning("dropped an unexpected %s from %s", type(message).__name__, peer)
 
@@ -261,6 +275,17 @@ class Leaser:
     def forward_settles(self, now: float) -> None:
         if self.ledger.to_settle or self.ledger.entries:
             self.send_settles(self.ledger.take_settles(now))
+
+    def send_forgets(self, now: float, everything: bool = False) -> None:
+        if not self.forget:
+            return
+        if not everything and now - self.forget_sent_at < FORGET_SECS and \
+                sum(map(len, self.forget.values())) < FORGET_BATCH:
+            return
+        for executor, receipts in self.forget.items():
+            self.send(executor, p.Forget(receipts))
+        self.forget = {}
+        self.forget_sent_at = now
 
     def send_settles(self, items: list[list[Any]]) -> None:
         if items and self.reaper_incarnation is not None:
@@ -317,6 +342,10 @@ class Leaser:
         return 0
 
     def report(self) -> None:
+        now = time.monotonic()
+        if now - self.reported_at < REPORT_SECS:
+            return
+        self.reported_at = now
         stats = dict(self.stats)
         stats.update(self.ledger.counters)
         stats.update(self.ledger.gauges())

@@ -75,6 +75,9 @@ class Ledger:
         self.held: deque[str] = deque()
         self.peers: dict[str, Peer] = {}
         self.to_settle: list[str] = []  # finished receipts not yet sent to the reaper
+        self.finished_count = 0
+        self.ext_floor: float | None = None  # no extension is due before this
+        self.settle_floor: float | None = None  # no unconfirmed settle was sent before this
         self.task_secs = 0.0  # moving average of task run time, sizes dispatch runs
         self.counters: dict[str, int] = {
             "leased_total": 0, "dispatched_total": 0, "succeeded_total": 0, "failed_total": 0,
@@ -91,9 +94,15 @@ class Ledger:
 
     def want(self, max_in_flight: int) -> int:
         """How many tasks to lease now. ``max_in_flight`` 0 means enough to keep every slot busy
-        for one more round, sized by the dispatch run."""
+        for one more round, sized by the dispatch run.
+
+        Finished tasks waiting for their ack do not count against it (they hold no slot), but they
+        are bounded too, so a stalled reaper stops the leasing instead of growing the ledger."""
         limit = max_in_flight or max(1, self.capacity()) * (1 + self.run_length())
-        return max(0, limit - len(self.entries))
+        unsettled = len(self.entries) - self.finished_count
+        if self.finished_count > 4 * limit:
+            return 0
+        return max(0, limit - unsettled)
 
     def add_leased(self, tasks: list[Leased], now: float) -> list[Leased]:
         """Take newly leased deliveries. Returns those that must be dead-lettered at once (attempt
@@ -114,6 +123,7 @@ class Ledger:
             entry = Entry(task.task_id, task.receipt, task.payload, task.attempt, task.tag,
                           leased_at=now, deadline=now + self.policy.lease_secs,
                           next_extend=self._next_extend(now))
+            self._lower_ext_floor(entry.next_extend)
             self.entries[task.receipt] = entry
             self.by_task[task.task_id] = task.receipt
             self.held.append(task.receipt)
@@ -125,6 +135,7 @@ class Ledger:
         entry.attempt = task.attempt
         entry.deadline = now + self.policy.lease_secs
         entry.next_extend = self._next_extend(now)
+        self._lower_ext_floor(entry.next_extend)
         self.entries[task.receipt] = entry
         self.by_task[task.task_id] = task.receipt
         self.aliases[old] = task.receipt
@@ -204,6 +215,7 @@ class Ledger:
                 # We restarted: adopt the task, extend its lease at once (its deadline is unknown).
                 entry = Entry(task_id, receipt, None, attempt, "", leased_at=now - running_secs,
                               deadline=now, next_extend=now, state=RUNNING)
+                self._lower_ext_floor(now)
                 self.entries[receipt] = entry
                 self.by_task[task_id] = receipt
             elif entry.state == HELD:
@@ -228,6 +240,7 @@ class Ledger:
                 if self.by_task.get(task_id) is None and peer is not None and adopting:
                     # Adopted after our restart: we never saw this lease, settle it as reported.
                     entry = Entry(task_id, current, None, attempt, "", now, now, now, RUNNING, name)
+                    self._lower_ext_floor(now)
                     self.entries[current] = entry
                     self.by_task[task_id] = current
                 else:
@@ -240,6 +253,7 @@ class Ledger:
 
     def _finish(self, entry: Entry, ok: bool, error: str, seconds: float) -> None:
         entry.state, entry.ok, entry.error = FINISHED, ok, error
+        self.finished_count += 1
         self.counters["succeeded_total" if ok else "failed_total"] += 1
         if seconds > 0:
             self.task_secs = seconds if self.task_secs == 0 else 0.9 * self.task_secs + 0.1 * seconds
@@ -267,18 +281,21 @@ class Ledger:
             if entry is not None and entry.settle_sent_at is None:
                 entry.settle_sent_at = now
                 items.append(self._settle_item(entry))
+                if self.settle_floor is None:
+                    self.settle_floor = now
         cutoff = now - self.policy.resend_secs
-        if reaper_restarted or (self.entries and self._oldest_unconfirmed(cutoff)):
+        if reaper_restarted or (self.settle_floor is not None and self.settle_floor <= cutoff):
+            self.settle_floor = None
             for entry in self.entries.values():
                 sent = entry.settle_sent_at
-                if sent is not None and sent != now and (reaper_restarted or sent <= cutoff):
-                    entry.settle_sent_at = now
+                if sent is None:
+                    continue
+                if sent != now and (reaper_restarted or sent <= cutoff):
+                    entry.settle_sent_at = sent = now
                     items.append(self._settle_item(entry))
+                if self.settle_floor is None or sent < self.settle_floor:
+                    self.settle_floor = sent
         return items
-
-    def _oldest_unconfirmed(self, cutoff: float) -> bool:
-        return any(e.settle_sent_at is not None and e.settle_sent_at <= cutoff
-                   for e in self.entries.values())
 
     def _settle_item(self, entry: Entry) -> list[Any]:
         return [entry.task_id, entry.receipt, entry.ok, entry.error, entry.attempt]
@@ -287,7 +304,7 @@ class Ledger:
         """The reaper settled these. Returns, per executor, the receipts it may forget."""
         forget: dict[str, list[str]] = {}
         for receipt, outcome in zip(receipts, outcomes, strict=False):
-            entry = self.entries.pop(receipt, None)
+            entry = self._remove(receipt)
             if entry is None:
                 continue
             self.counters["settled_total"] += 1
@@ -306,8 +323,19 @@ class Ledger:
 
     # -- leases ------------------------------------------------------------------------------
     def next_extension_at(self) -> float | None:
+        """When the next extension is due (None if none will be). Cheap: a lower bound kept as
+        entries come, made exact by a scan only once it has passed."""
+        if self.ext_floor is None or not self.entries:
+            return None
+        return self.ext_floor
+
+    def _rescan_extensions(self) -> None:
         candidates = [e.next_extend for e in self.entries.values() if self._extendable(e, e.next_extend)]
-        return min(candidates) if candidates else None
+        self.ext_floor = min(candidates) if candidates else None
+
+    def _lower_ext_floor(self, at: float) -> None:
+        if self.ext_floor is None or at < self.ext_floor:
+            self.ext_floor = at
 
     def _extendable(self, entry: Entry, now: float) -> bool:
         start = entry.dispatched_at if entry.dispatched_at is not None else entry.leased_at
@@ -317,7 +345,10 @@ class Ledger:
         """Receipts whose lease should be extended now. Everything due within the next tenth of a
         lease goes in the same call, so extensions batch instead of trickling."""
         horizon = now + self.policy.lease_secs * 0.1
-        return [r for r, e in self.entries.items() if e.next_extend <= horizon and self._extendable(e, now)]
+        due = [r for r, e in self.entries.items() if e.next_extend <= horizon and self._extendable(e, now)]
+        if not due:
+            self._rescan_extensions()
+        return due
 
     def extended(self, results: dict[str, str], now: float) -> list[tuple[str, str]]:
         """Apply extend outcomes. Returns (peer, receipt) of running tasks whose lease is lost: the
@@ -337,10 +368,17 @@ class Ledger:
                     lost.append((entry.peer, receipt))
             else:  # retry: try again soon, well before the deadline
                 entry.next_extend = now + min(1.0, self.policy.lease_secs * 0.05)
+        self._rescan_extensions()
         return lost
 
+    def _remove(self, receipt: str) -> Entry | None:
+        entry = self.entries.pop(receipt, None)
+        if entry is not None and entry.state == FINISHED:
+            self.finished_count -= 1
+        return entry
+
     def _drop(self, entry: Entry) -> None:
-        self.entries.pop(entry.receipt, None)
+        self._remove(entry.receipt)
         if self.by_task.get(entry.task_id) == entry.receipt:
             del self.by_task[entry.task_id]
         if entry.state == HELD:
@@ -357,7 +395,7 @@ class Ledger:
         receipts = list(self.held)
         self.held.clear()
         for receipt in receipts:
-            entry = self.entries.pop(receipt)
+            entry = self.entries.pop(receipt)  # held: never finished
             if self.by_task.get(entry.task_id) == receipt:
                 del self.by_task[entry.task_id]
         return receipts

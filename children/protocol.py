@@ -222,40 +222,52 @@ def decode(frame: bytes) -> Message:
         raise ProtocolError(f"unknown message code {code!r}")
     if len(values) != len(cls.SHAPE):
         raise ProtocolError(f"{cls.__name__}: {len(values)} fields, expected {len(cls.SHAPE)}")
-    for name, value, kind in zip(_FIELDS[cls], values, cls.SHAPE, strict=True):
-        _check(cls, name, value, kind)
+    for name, value, check in zip(_FIELDS[cls], values, _CHECKS[cls], strict=True):
+        _check_compiled(cls, name, value, check)
     return cls(*values)
 
 
-def _check(cls: type[Message], name: str, value: Any, kind: Any) -> None:
-    if isinstance(kind, tuple) and kind and kind[0] == "list":
-        if not isinstance(value, list):
-            raise ProtocolError(f"{cls.__name__}.{name}: not a list")
-        shape = kind[1]
-        for index, item in enumerate(value):
-            if not isinstance(item, list) or len(item) != len(shape):
-                raise ProtocolError(f"{cls.__name__}.{name}[{index}]: not a {len(shape)}-item array")
-            for position, (part, part_kind) in enumerate(zip(item, shape, strict=True)):
-                if not _is(part, part_kind):
-                    raise ProtocolError(f"{cls.__name__}.{name}[{index}][{position}]: "
-                                        f"{type(part).__name__} is not {_name(part_kind)}")
-        return
-    if not _is(value, kind):
-        raise ProtocolError(f"{cls.__name__}.{name}: {type(value).__name__} is not {_name(kind)}")
-
-
-def _is(value: Any, kind: Any) -> bool:
+def _allowed(kind: Any) -> frozenset[type] | None:
+    """The exact types a field may have (None: anything). ``type(x) in allowed`` is the fast test;
+    bool is never taken for an int, since ``type(True) is bool``."""
     if kind is object:
-        return True
+        return None
     if isinstance(kind, tuple):
-        return any(_is(value, k) for k in kind)
-    if kind is int or kind is float:
-        # bool is an int subclass in Python; it is never a count or a time here
-        return isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
-    return isinstance(value, kind)
+        return frozenset().union(*(_allowed(k) or frozenset() for k in kind))
+    if kind is float:
+        return frozenset({int, float})
+    return frozenset({kind})
 
 
-def _name(kind: Any) -> str:
-    if isinstance(kind, tuple):
-        return " or ".join(_name(k) for k in kind)
-    return getattr(kind, "__name__", str(kind))
+def _compile(cls: type[Message]) -> tuple[Any, ...]:
+    checks = []
+    for kind in cls.SHAPE:
+        if isinstance(kind, tuple) and kind and kind[0] == "list":
+            checks.append(("list", tuple(_allowed(k) for k in kind[1])))
+        else:
+            checks.append(("one", _allowed(kind)))
+    return tuple(checks)
+
+
+_CHECKS: dict[type[Message], tuple[Any, ...]] = {cls: _compile(cls) for cls in MESSAGES.values()}
+
+
+def _check_compiled(cls: type[Message], name: str, value: Any, check: tuple[str, Any]) -> None:
+    mode, allowed = check
+    if mode == "one":
+        if allowed is not None and type(value) not in allowed:
+            raise ProtocolError(f"{cls.__name__}.{name}: {type(value).__name__} is not "
+                                f"{' or '.join(sorted(t.__name__ for t in allowed))}")
+        return
+    if type(value) is not list:
+        raise ProtocolError(f"{cls.__name__}.{name}: not a list")
+    width = len(allowed)
+    for index, item in enumerate(value):
+        if type(item) is not list or len(item) != width:
+            raise ProtocolError(f"{cls.__name__}.{name}[{index}]: not a {width}-item array")
+        for position in range(width):
+            types = allowed[position]
+            if types is not None and type(item[position]) not in types:
+                raise ProtocolError(f"{cls.__name__}.{name}[{index}][{position}]: "
+                                    f"{type(item[position]).__name__} is not "
+                                    f"{' or '.join(sorted(t.__name__ for t in types))}")

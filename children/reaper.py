@@ -77,7 +77,8 @@ class Reaper:
                     # cold and the backend is failing: what is left comes back by lease expiry
                     self.log.warning("cold stop with %d settlements unflushed", len(self.batch))
                     return 0
-                wake = min(last_sent + PING_SECS, self.batch.due_at() or float("inf"))
+                due_at = self.batch.due_at()
+                wake = last_sent + PING_SECS if due_at is None else min(last_sent + PING_SECS, due_at)
                 events = dict(poller.poll(max(0, int((wake - time.monotonic()) * 1000) + 1)))
                 if self.ctx.wakeup_fd in events:
                     self.ctx.clear_wakeup()
@@ -122,9 +123,10 @@ class Reaper:
 
     # -- settling ----------------------------------------------------------------------------
     def flush(self, now: float, draining: bool) -> None:
-        limits = self.backend.limits
-        cap = max(1, min(limits.max_ack_batch, int(self.cfg.reaper.batch_size)))
-        items = self.batch.take(None if draining else cap)
+        # batch_size is when to flush; a flush takes everything waiting, in calls of at most the
+        # backend's cap, so a burst of completions costs few calls rather than many small ones
+        cap = max(1, self.backend.limits.max_ack_batch)
+        items = self.batch.take(None if draining else 4 * cap)
         groups: dict[str, list[list[Any]]] = {ACK: [], RELEASE: [], DEAD: []}
         for item in items:
             groups[settle_action(item[2], item[4], int(self.cfg.retry.max_attempts))].append(item)

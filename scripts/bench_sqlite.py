@@ -29,8 +29,8 @@ from children.backends.sqlite import SqliteBackend  # noqa: E402
 
 
 def one_run(folder: Path, size: int, measure: int, batch: int, payload_bytes: int,
-            profile: cProfile.Profile | None) -> tuple[float, float]:
-    """(enqueue tasks/s, lease+ack tasks/s) on a fresh file holding ``size`` tasks."""
+            profile: cProfile.Profile | None) -> tuple[float, float, float]:
+    """(enqueue tasks/s, lease+ack tasks/s, stats() ms) on a fresh file holding ``size`` tasks."""
     path = folder / f"bench-{size}.db"
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
@@ -41,6 +41,9 @@ def one_run(folder: Path, size: int, measure: int, batch: int, payload_bytes: in
     for first in range(0, size, len(chunk)):
         backend.enqueue(chunk[: min(len(chunk), size - first)])
     enqueue_rate = size / (time.perf_counter() - started)
+    started = time.perf_counter()
+    assert backend.stats().ready == size
+    stats_ms = 1000 * (time.perf_counter() - started)
 
     todo = min(measure, size)
     done = 0
@@ -55,7 +58,7 @@ def one_run(folder: Path, size: int, measure: int, batch: int, payload_bytes: in
     if profile:
         profile.disable()
     backend.close()
-    return enqueue_rate, done / elapsed
+    return enqueue_rate, done / elapsed, stats_ms
 
 
 def main() -> None:
@@ -76,7 +79,7 @@ def main() -> None:
         for size in sizes:
             runs = [one_run(Path(tmp), size, args.measure, args.batch, args.payload, profile)
                     for _ in range(args.runs)]
-            rows.append((size, [r[0] for r in runs], [r[1] for r in runs]))
+            rows.append((size, [r[0] for r in runs], [r[1] for r in runs], [r[2] for r in runs]))
 
     def cell(values: list[float]) -> str:
         return f"{statistics.median(values):>9,.0f} ({min(values):,.0f}-{max(values):,.0f})"
@@ -84,10 +87,11 @@ def main() -> None:
     print(f"sqlite backend, batch {args.batch}, payload {args.payload} B, {args.runs} runs, "
           f"sqlite {__import__('sqlite3').sqlite_version}")
     print(f"{'queue size':>11} | {'enqueue tasks/s median (min-max)':<36} | "
-          f"{'lease+ack tasks/s median (min-max)':<36}")
-    print(f"{'-' * 11}-+-{'-' * 36}-+-{'-' * 36}")
-    for size, enqueue_rates, lease_rates in rows:
-        print(f"{size:>11,} | {cell(enqueue_rates):<36} | {cell(lease_rates):<36}")
+          f"{'lease+ack tasks/s median (min-max)':<36} | stats() ms")
+    print(f"{'-' * 11}-+-{'-' * 36}-+-{'-' * 36}-+-{'-' * 10}")
+    for size, enqueue_rates, lease_rates, stats_ms in rows:
+        print(f"{size:>11,} | {cell(enqueue_rates):<36} | {cell(lease_rates):<36} | "
+              f"{statistics.median(stats_ms):>10.1f}")
     if len(rows) > 1:
         first, last = statistics.median(rows[0][2]), statistics.median(rows[-1][2])
         print(f"lease+ack at {rows[-1][0]:,} vs {rows[0][0]:,}: {100 * (last / first - 1):+.1f} %")

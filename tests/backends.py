@@ -67,6 +67,7 @@ def _sqlite(queue: str) -> Backend:
 SERVER_URLS = {
     "redis": os.environ.get("LEASETREE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
     "postgresql": os.environ.get("LEASETREE_TEST_POSTGRESQL_URL", "postgresql://postgres@127.0.0.1:5432/test"),
+    "nats": os.environ.get("LEASETREE_TEST_NATS_URL", "nats://127.0.0.1:4222"),
 }
 
 
@@ -93,11 +94,28 @@ def _probe(name: str) -> tuple[bool, str]:
     return True, ""
 
 
+def _nats(queue: str) -> Backend:
+    from tests.integration.nats_js import drop_at_exit
+
+    drop_at_exit(SERVER_URLS["nats"], queue)  # JetStream streams outlive the test otherwise
+    return _server_backend("nats", queue)
+
+
+def _sqs(queue: str) -> Backend:
+    # moto's server mode, started by the suite on first use (tests/integration/moto_sqs.py)
+    from children.backends.sqs import SqsBackend
+    from tests.integration.moto_sqs import moto_endpoint, sqs_url
+
+    return SqsBackend(sqs_url(moto_endpoint()), queue, test_dir())
+
+
 BACKENDS: dict[str, Callable[[str], Backend]] = {
     "memory": _memory,
     "sqlite": _sqlite,
     "redis": lambda queue: _server_backend("redis", queue),
     "postgresql": lambda queue: _server_backend("postgresql", queue),
+    "nats": _nats,
+    "sqs": _sqs,
 }
 
 #: backends whose queues cannot be reached from another process
@@ -107,6 +125,8 @@ PROCESS_LOCAL: set[str] = {"memory"}
 PROBES: dict[str, Callable[[], tuple[bool, str]]] = {
     "redis": lambda: _probe("redis"),
     "postgresql": lambda: _probe("postgresql"),
+    "nats": lambda: _probe("nats"),
+    "sqs": lambda: __import__("tests.integration.moto_sqs", fromlist=["x"]).moto_available(),
 }
 
 

@@ -224,80 +224,56 @@ class MemoryBackend(Backend):
             return remaining
         return max(0.001, min(remaining, due - self._clock()))
 
-    def extend(self, receipts: Sequence[str], lease_secs: float) -> dict[str, Outcome]:
-        lease_secs = self._clamp_lease(lease_secs)
+    def _settle(self, receipts: Sequence[str], apply: Callable[[int, _Task, float], None],
+                wake: bool = False) -> dict[str, Outcome]:
+        """``apply(index, task, now)`` to the task of each receipt that holds it: OK there, LOST for
+        the rest. ``wake`` notifies waiting leases (the change made work ready)."""
         store = self._store
         with store.cond:
             now = self._clock()
             out: dict[str, Outcome] = {}
-            for receipt in receipts:
+            for i, receipt in enumerate(receipts):
                 if receipt in out:  # a duplicate within the batch keeps its first answer
                     continue
                 task = store.holder(receipt)
                 if task is None:
                     out[receipt] = Outcome.LOST
                     continue
-                store.schedule(task, now + lease_secs)
+                apply(i, task, now)
                 out[receipt] = Outcome.OK
+            if wake:
+                store.cond.notify_all()
             return out
 
+    def extend(self, receipts: Sequence[str], lease_secs: float) -> dict[str, Outcome]:
+        lease_secs = self._clamp_lease(lease_secs)
+        return self._settle(receipts, lambda i, task, now: self._store.schedule(task, now + lease_secs))
+
     def ack(self, receipts: Sequence[str]) -> dict[str, Outcome]:
-        store = self._store
-        with store.cond:
-            out: dict[str, Outcome] = {}
-            for receipt in receipts:
-                if receipt in out:  # a duplicate within the batch keeps its first answer
-                    continue
-                task = store.holder(receipt)
-                if task is None:
-                    out[receipt] = Outcome.LOST
-                    continue
-                del store.tasks[task.id]  # its heap entry goes stale and is dropped lazily
-                out[receipt] = Outcome.OK
-            return out
+        # the task's heap entry goes stale and is dropped lazily
+        return self._settle(receipts, lambda i, task, now: self._store.tasks.pop(task.id))
 
     def release(self, receipts: Sequence[str], delay_secs: float | Sequence[float] = 0.0,
                 errors: Sequence[str] | None = None) -> dict[str, Outcome]:
         delays = _per_item(delay_secs, len(receipts), "release delay_secs")
         errs = _per_item(errors, len(receipts), "release errors") if errors is not None else None
-        store = self._store
-        with store.cond:
-            now = self._clock()
-            out: dict[str, Outcome] = {}
-            for i, receipt in enumerate(receipts):
-                if receipt in out:  # a duplicate within the batch keeps its first answer
-                    continue
-                task = store.holder(receipt)
-                if task is None:
-                    out[receipt] = Outcome.LOST
-                    continue
-                task.token = 0
-                task.leased = False
-                if errs is not None:
-                    task.last_error = errs[i]
-                store.schedule(task, now + max(0.0, float(delays[i])))
-                out[receipt] = Outcome.OK
-            store.cond.notify_all()
-            return out
+
+        def give_back(i: int, task: _Task, now: float) -> None:
+            task.token, task.leased = 0, False
+            if errs is not None:
+                task.last_error = errs[i]
+            self._store.schedule(task, now + max(0.0, float(delays[i])))
+
+        return self._settle(receipts, give_back, wake=True)
 
     def dead_letter(self, receipts: Sequence[str], reason: str | Sequence[str]) -> dict[str, Outcome]:
         reasons = _per_item(reason, len(receipts), "dead_letter reason")
-        store = self._store
-        with store.cond:
-            out: dict[str, Outcome] = {}
-            for i, receipt in enumerate(receipts):
-                if receipt in out:  # a duplicate within the batch keeps its first answer
-                    continue
-                task = store.holder(receipt)
-                if task is None:
-                    out[receipt] = Outcome.LOST
-                    continue
-                task.token = 0
-                task.leased = False
-                task.dead_reason = reasons[i]
-                store.schedule(task, None)
-                out[receipt] = Outcome.OK
-            return out
+
+        def bury(i: int, task: _Task, now: float) -> None:
+            task.token, task.leased, task.dead_reason = 0, False, reasons[i]
+            self._store.schedule(task, None)
+
+        return self._settle(receipts, bury)
 
     def enqueue(self, payloads: Sequence[bytes], delay_secs: float = 0.0, tag: str = "") -> list[str]:
         cap = self._limits.max_payload_bytes

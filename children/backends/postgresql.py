@@ -78,6 +78,9 @@ _MIGRATIONS: dict[int, list[str]] = {
     ],
 }
 
+# The ANY(ARRAY(...)) repeats the join on purpose: it makes the UPDATE find its rows through the
+# primary key at any table size; with the join alone the planner hash-joins against a sequential scan
+# of the whole table while it is below some 50k rows, and the cost of a lease grows with the queue.
 _LEASE = """
 WITH c AS (
     SELECT id, visible_at AS due FROM leasetree_tasks
@@ -88,7 +91,7 @@ WITH c AS (
 UPDATE leasetree_tasks t
 SET state = 'leased', lease_token = nextval('leasetree_lease_token'), attempts = t.attempts + 1,
     visible_at = now() + %(lease)s * interval '1 second'
-FROM c WHERE t.id = c.id
+FROM c WHERE t.id = c.id AND t.id = ANY(ARRAY(SELECT id FROM c))
 RETURNING t.id, t.lease_token, t.payload, t.attempts, t.tag, c.due"""
 _LEASE_ANY = _LEASE.format(tag="")
 _LEASE_TAG = _LEASE.format(tag="AND tag = %(tag)s")
@@ -253,14 +256,16 @@ class PostgresBackend(Backend):
         if remaining <= 0:
             return None
         if next_due is not None:
-            remaining = min(remaining, max(0.0, next_due))
+            # at least 5 ms: a due row another leaser holds locked right now must not make us spin
+            remaining = min(remaining, max(0.005, next_due))
         with self._session() as conn:
             for _ in conn.notifies(timeout=remaining, stop_after=1):
                 return True
         return False
 
     def wait_for_work(self, timeout_secs: float) -> bool:
-        """Block up to ``timeout_secs`` on LISTEN; True as soon as a task may be leasable."""
+        """Block up to ``timeout_secs`` on LISTEN; True as soon as a task is leasable. A NOTIFY for
+        work that is not leasable yet (a delayed enqueue) only shortens the wait."""
         until = time.monotonic() + max(0.0, timeout_secs)
         self._listen()
         while True:
@@ -268,11 +273,8 @@ class PostgresBackend(Backend):
             next_due = self._next_due(None)
             if next_due is not None and next_due <= 0:
                 return True
-            woke = self._wait(until, next_due)
-            if woke is None:
+            if self._wait(until, next_due) is None:
                 return False
-            if woke:
-                return True
 
     # -- the data path -------------------------------------------------------------------------
     def lease(self, max_tasks: int, lease_secs: float, wait_secs: float = 0.0,

@@ -447,17 +447,15 @@ class RedisBackend(Backend):
         return bool(moved)
 
     def wait_for_work(self, timeout_secs: float) -> bool:
-        """Block up to ``timeout_secs`` on the wake-up stream; True as soon as work may be ready."""
+        """Block up to ``timeout_secs`` on the wake-up stream; True as soon as a task is leasable.
+        A wake-up for work that is not leasable yet (a delayed enqueue) only shortens the wait."""
         until = time.monotonic() + max(0.0, timeout_secs)
         while True:
             _flat, wake_id, next_due_ms, ready = self._run(self._lease, self._consumer, 0, 1, "1", "")
             if ready:
                 return True
-            moved = self._wait(until, wake_id, next_due_ms)
-            if moved is None:
+            if self._wait(until, wake_id, next_due_ms) is None:
                 return False
-            if moved:
-                return True
 
     def _settle_call(self, op: str, receipts: Sequence[str], lease_ms: int = 0,
                      numbers: Sequence[int] | None = None,

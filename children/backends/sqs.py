@@ -21,13 +21,14 @@ Limitations (SQS has no API for them):
 - a stale receipt is not fenced: SQS keeps old receipt handles usable (moto honours them; on AWS a
   delete with an old handle "succeeds but the message might not be deleted"). Use a lease long enough
   and let the leaser extend it.
-- no filtering by tag: ``lease(tag=None)`` and ``lease(tag="")`` return every task, any other tag is
-  a BackendConfigError; use one queue name per tag.
+- no filtering by tag: ``lease(tag=None)`` returns every task, any tag (even ``""``) is a
+  BackendConfigError; tags are kept and reported, but use one queue name per tag to lease by tag.
 - ``list_tasks``, ``get`` and ``delete`` see dead tasks only (reading a live message would lease it);
   ``stats()`` counts are SQS's approximate ones and ``oldest_age_secs`` is None.
 - enqueue delays are at most 900 s (DelaySeconds); ``release(errors=...)`` is not kept (a message
   cannot be changed), only the reason of a dead letter.
-- ``purge`` is PurgeQueue, which AWS allows once per 60 s per queue; its count is approximate.
+- ``purge`` is PurgeQueue, which AWS allows once per 60 s per queue: within that minute it deletes
+  the visible messages one batch at a time instead (leased ones stay). Its count is approximate.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ class SqsBackend(Backend):
     # -- the data path ---------------------------------------------------------------------------
     def lease(self, max_tasks: int, lease_secs: float, wait_secs: float = 0.0,
               tag: str | None = None) -> list[Leased]:
-        if tag:
+        if tag is not None:
             raise BackendConfigError(f"[leaser] tag = {tag!r}: sqs:// cannot lease by tag; "
                                      "use one queue name per tag")
         max_tasks = min(max_tasks, _BATCH)
@@ -378,8 +379,22 @@ class SqsBackend(Backend):
     def purge(self) -> int:
         count = sum(self._attributes(self._url).values()) + sum(self._attributes(self._dead_url).values())
         for url in (self._url, self._dead_url):
-            self._call(lambda u=url: self._sqs.purge_queue(QueueUrl=u))
+            try:
+                self._sqs.purge_queue(QueueUrl=url)
+            except botocore.exceptions.ClientError as exc:
+                if "PurgeQueueInProgress" not in exc.response.get("Error", {}).get("Code", ""):
+                    self._call(lambda u=url: self._sqs.purge_queue(QueueUrl=u))  # raises, mapped
+                # purged less than 60 s ago (AWS allows one per minute): delete what is visible now
+                self._drain(url)
+            except botocore.exceptions.BotoCoreError:
+                self._call(lambda u=url: self._sqs.purge_queue(QueueUrl=u))
         return count
+
+    def _drain(self, url: str) -> None:
+        while messages := self._call(lambda: self._sqs.receive_message(
+                QueueUrl=url, MaxNumberOfMessages=_BATCH, VisibilityTimeout=30)).get("Messages", []):
+            self._call(lambda m=messages: self._sqs.delete_message_batch(QueueUrl=url, Entries=[
+                {"Id": str(i), "ReceiptHandle": x["ReceiptHandle"]} for i, x in enumerate(m)]))
 
     def close(self) -> None:
         self._sqs.close()

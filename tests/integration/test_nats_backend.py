@@ -32,6 +32,7 @@ from children.backends.base import (  # noqa: E402
 )
 from children.backends.nats import NatsBackend  # noqa: E402
 from tests.backends import require_server  # noqa: E402
+from tests.integration.nats_js import drop_queue  # noqa: E402
 
 URL = os.environ.get("LEASETREE_TEST_NATS_URL", "nats://127.0.0.1:4222")
 pytestmark = pytest.mark.timeout(60)
@@ -44,21 +45,6 @@ def _reachable(url: str) -> bool:
             return True
     except OSError:
         return False
-
-
-def drop_queue(url: str, name: str) -> None:
-    """Delete the four streams of queue ``name`` (the backend never deletes them itself)."""
-    async def drop() -> None:
-        nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
-        js = nc.jetstream()
-        for kind in ("TASKS", "DELAY", "DEAD", "FENCE"):
-            try:
-                await js.delete_stream(f"LT_{name}_{kind}")
-            except nats.js.errors.NotFoundError:
-                pass
-        await nc.close()
-
-    asyncio.run(drop())
 
 
 async def _consumer_waiting(url: str, name: str, consumer: str) -> int:
@@ -177,7 +163,7 @@ def test_tags_are_subjects_and_cannot_be_mixed_with_untagged_leasing(backend: Na
     assert [(t.task_id, t.tag) for t in backend.lease(10, 30.0, tag="red")] == [(a, "red")]
     assert [t.task_id for t in backend.lease(10, 30.0, tag="")] == [c]
     assert [t.task_id for t in backend.lease(10, 30.0, tag="blue")] == [b]
-    with pytest.raises(BackendConfigError, match="either by tags or with none"):
+    with pytest.raises(BackendConfigError, match="cannot be leased without a tag while it is leased by tags"):
         backend.lease(10, 30.0)
     with pytest.raises(ValueError, match="tag"):
         backend.enqueue([b"x"], tag="a.b")
@@ -209,13 +195,19 @@ def test_dead_letter_keeps_reason_attempt_and_last_error(backend: NatsBackend) -
     assert (back.task_id, back.attempt) == (task_id, 1)
 
 
-def test_documented_limit_released_with_delay_shows_as_leased(backend: NatsBackend) -> None:
+def test_documented_limit_released_task_shows_as_leased_until_redelivered(backend: NatsBackend) -> None:
     [task_id] = backend.enqueue([b"x"])
     [task] = backend.lease(1, 30.0)
-    backend.release([task.receipt], 60.0)
-    # JetStream keeps a nak'd message in the consumer's pending set: no per-message state to tell
+    backend.release([task.receipt], 0.0)
+    # a nak'd message stays in the consumer's pending set: JetStream shows no per-message state
     assert backend.get(task_id).state == TaskState.LEASED
-    assert backend.lease(1, 30.0) == []
+    [again] = backend.lease(1, 30.0)
+    assert (again.task_id, again.attempt) == (task_id, 2)
+    # a release with a delay moves the task to the delay stream, where it is DELAYED
+    backend.release([again.receipt], 60.0, errors=["exit 1"])
+    info = backend.get(task_id)
+    assert (info.state, info.attempt, info.last_error) == (TaskState.DELAYED, 2, "exit 1")
+    assert backend.stats().delayed == 1
 
 
 def test_oversized_payload_and_bad_names_are_one_line_errors(backend: NatsBackend) -> None:

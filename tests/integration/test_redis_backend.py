@@ -1,19 +1,18 @@
-"""Redis Streams backend against the real server on 127.0.0.1:6379: what the shared conformance suite
-cannot see — fencing between two hosts, per-call lease deadlines, the consumer group's PEL, blocking
-wake-ups, and recovery from a killed connection."""
+"""Redis Streams backend against the real server on 127.0.0.1:6379: the server-backend cases
+(fencing between hosts, blocking wake-ups, killed connections) plus what is Redis's own: the consumer
+group's pending list, XCLAIM on extend, one stream per tag, consumers forgotten on close."""
 
 from __future__ import annotations
 
 import os
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from children.backends import BackendUnavailable, Outcome, QueueStats, TaskState
+from children.backends import Outcome
 from tests.backends import SERVER_URLS, available, require_server, unique_queue
+from tests.integration.server_backend_cases import ServerBackendCases
 
 redis = pytest.importorskip("redis")
 
@@ -57,30 +56,32 @@ def open_host(queue: str) -> Iterator[Callable[[], RedisBackend]]:
         backend.close()
 
 
-def _client_of(admin: redis.Redis, backend: RedisBackend, blocked_in: str | None = None) -> dict | None:
-    for client in admin.client_list():
-        if client.get("name") == backend.client_name and (
-                blocked_in is None or (client.get("cmd") == blocked_in and "b" in client.get("flags", ""))):
-            return client
-    return None
+def _client_of(admin: redis.Redis, backend: RedisBackend) -> dict:
+    """The backend's connection in CLIENT LIST (found by the name it sets), {} when it has none."""
+    return next((c for c in admin.client_list() if c.get("name") == backend.client_name), {})
 
 
-def test_stale_receipt_from_another_host_settles_nothing(open_host) -> None:
-    host_a, host_b = open_host(), open_host()
-    [task_id] = host_a.enqueue([b"job"])
-    [first] = host_a.lease(1, lease_secs=0.05)
-    # host B blocks until A's lease expires (the wait is cut to the deadline), then reclaims it
-    [second] = host_b.lease(1, lease_secs=30, wait_secs=10)
-    assert (second.task_id, second.attempt) == (task_id, 2)
-    assert second.receipt != first.receipt
+@pytest.fixture
+def blocked(admin: redis.Redis) -> Callable[[RedisBackend], bool]:
+    def blocked(backend: RedisBackend) -> bool:
+        client = _client_of(admin, backend)
+        return client.get("cmd") == "xread" and "b" in client.get("flags", "")
 
-    assert host_a.extend([first.receipt], 30) == {first.receipt: Outcome.LOST}
-    assert host_a.release([first.receipt], 0) == {first.receipt: Outcome.LOST}
-    assert host_a.dead_letter([first.receipt], "stale") == {first.receipt: Outcome.LOST}
-    assert host_a.ack([first.receipt]) == {first.receipt: Outcome.LOST}
-    assert host_b.get(task_id).state is TaskState.LEASED
-    assert host_b.ack([second.receipt]) == {second.receipt: Outcome.OK}
-    assert host_b.get(task_id) is None
+    return blocked
+
+
+@pytest.fixture
+def kill(admin: redis.Redis) -> Callable[[RedisBackend], None]:
+    return lambda backend: admin.client_kill_filter(_id=_client_of(admin, backend)["id"])
+
+
+@pytest.fixture
+def unreachable_url() -> str:
+    return "redis://:s3cret@127.0.0.1:1/0"
+
+
+class TestRedisServer(ServerBackendCases):
+    pass
 
 
 def test_reclaim_moves_the_pel_entry_to_the_new_consumer(admin, queue, open_host) -> None:
@@ -95,20 +96,6 @@ def test_reclaim_moves_the_pel_entry_to_the_new_consumer(admin, queue, open_host
     assert pending["consumer"].decode() == host_b.consumer
     assert host_a.consumer != host_b.consumer
     assert host_a.consumer.split(":")[1] == str(os.getpid())
-
-
-def test_each_lease_keeps_its_own_deadline(open_host) -> None:
-    # Redis tracks idle time per entry; the backend must still honour each call's lease_secs
-    host_a, host_b = open_host(), open_host()
-    [long_id] = host_a.enqueue([b"long"])
-    [long_lease] = host_a.lease(1, lease_secs=60)
-    [short_id] = host_a.enqueue([b"short"])
-    [short_lease] = host_a.lease(1, lease_secs=0.05)
-    reclaimed = host_b.lease(10, lease_secs=30, wait_secs=10)
-    assert [t.task_id for t in reclaimed] == [short_id]
-    assert host_a.ack([long_lease.receipt, short_lease.receipt]) == {
-        long_lease.receipt: Outcome.OK, short_lease.receipt: Outcome.LOST}
-    assert long_id != short_id
 
 
 def test_extend_keeps_the_lease_and_resets_idle(admin, queue, open_host, wait_until) -> None:
@@ -128,90 +115,6 @@ def test_extend_keeps_the_lease_and_resets_idle(admin, queue, open_host, wait_un
     # well past the first deadline, nothing is leasable
     assert host_b.lease(1, lease_secs=30, wait_secs=0.5) == []
     assert host_a.ack([leased.receipt]) == {leased.receipt: Outcome.OK}
-
-
-def test_blocked_lease_wakes_on_enqueue_from_another_connection(admin, open_host, wait_until) -> None:
-    waiter, producer = open_host(), open_host()
-    got: list = []
-    thread = threading.Thread(target=lambda: got.extend(waiter.lease(5, 30, wait_secs=30)))
-    started = time.monotonic()
-    thread.start()
-    wait_until(lambda: _client_of(admin, waiter, blocked_in="xread"))
-    [task_id] = producer.enqueue([b"wake up"])
-    thread.join(timeout=30)
-    # woke on the enqueue: a missed wake-up would have returned only after the 30 s wait
-    assert [t.task_id for t in got] == [task_id]
-    assert time.monotonic() - started < 15
-
-
-def test_wait_for_work_wakes_on_release_and_on_a_due_delay(admin, open_host, wait_until) -> None:
-    holder, watcher = open_host(), open_host()
-    holder.enqueue([b"job"])
-    [leased] = holder.lease(1, 60)
-    woke: list[bool] = []
-    thread = threading.Thread(target=lambda: woke.append(watcher.wait_for_work(30)))
-    thread.start()
-    wait_until(lambda: _client_of(admin, watcher, blocked_in="xread"))
-    holder.release([leased.receipt], 0)
-    thread.join(timeout=30)
-    assert woke == [True]
-
-    # a delayed task: the watcher's block is cut to its due time, no enqueue needed
-    [again] = holder.lease(1, 60)
-    holder.ack([again.receipt])
-    holder.enqueue([b"later"], delay_secs=0.2)
-    assert watcher.wait_for_work(20) is True
-    assert [t.payload for t in holder.lease(5, 60)] == [b"later"]
-
-
-def test_killed_blocked_connection_fails_once_then_recovers(admin, open_host, wait_until) -> None:
-    backend, producer = open_host(), open_host()
-    errors: list[BaseException] = []
-
-    def blocked_lease() -> None:
-        try:
-            backend.lease(1, 30, wait_secs=30)
-        except BaseException as exc:  # noqa: BLE001 - the test inspects what surfaced
-            errors.append(exc)
-
-    thread = threading.Thread(target=blocked_lease)
-    thread.start()
-    client = wait_until(lambda: _client_of(admin, backend, blocked_in="xread"))
-    admin.client_kill_filter(_id=client["id"])
-    thread.join(timeout=30)
-    assert len(errors) == 1 and isinstance(errors[0], BackendUnavailable)
-    assert "\n" not in str(errors[0])
-
-    ids = producer.enqueue([b"a", b"b"])
-    leased = backend.lease(2, 30)  # reconnects on this call
-    assert sorted(t.task_id for t in leased) == sorted(ids)
-    assert backend.ack([t.receipt for t in leased]) == {t.receipt: Outcome.OK for t in leased}
-    assert backend.stats().ready == 0
-
-
-def test_killed_idle_connection_loses_nothing(admin, open_host) -> None:
-    backend = open_host()
-    ids = backend.enqueue([b"%d" % i for i in range(10)])
-    leased = backend.lease(10, 30)
-    admin.client_kill_filter(_id=_client_of(admin, backend)["id"])
-    outcomes = None
-    failures = 0
-    while outcomes is None:  # the caller's retry loop: at most one failure, then the same call again
-        try:
-            outcomes = backend.ack([t.receipt for t in leased])
-        except BackendUnavailable:
-            failures += 1
-    assert failures <= 1
-    assert set(outcomes.values()) == {Outcome.OK} and len(outcomes) == len(ids)
-    assert backend.stats() == QueueStats(0, 0, 0, 0, None)
-
-
-def test_unreachable_server_is_unavailable_not_a_crash(queue) -> None:
-    backend = RedisBackend("redis://127.0.0.1:1/0", queue, Path("."))
-    with pytest.raises(BackendUnavailable) as info:
-        backend.enqueue([b"x"])
-    assert "127.0.0.1:1" in str(info.value)
-    backend.close()
 
 
 def test_tags_lease_oldest_first_across_streams(open_host) -> None:
