@@ -37,6 +37,7 @@ from children.tasks import (
 )
 from config.schema import Config
 from supervisor.rundir import endpoint
+from supervisor.sweep import TREE_VAR, sweep_predecessors
 
 # Exit codes the executor uses (the supervisor maps them to reasons).
 EXIT_RECYCLE = 0  # retired after max_tasks_per_child / max_memory_mb: a normal exit
@@ -84,6 +85,10 @@ class Executor:
         self.serial = 0
         self.workdir = Path(ctx.runtime_dir) / "work" / self.name
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # what a dead predecessor left running (a task's own children) must not run on
+        leftovers = sweep_predecessors(self.name, os.environ.get(TREE_VAR))
+        if leftovers:
+            self.log.warning("killed %d processes left by a previous %s", leftovers, self.name)
         self.current: tuple[str, float] | None = None  # inline callable: (receipt, deadline)
         self.stats: dict[str, Any] = {"tasks_total": 0, "failed_total": 0}
         self.reported_at = 0.0

@@ -133,7 +133,7 @@ class Supervisor:
             return
         self._stop_requested = True
         if self._job is None:
-            self._run(self._shutdown_job(reasons.shutdown("stopped"), 0))
+            self._shut_down(reasons.shutdown("stopped"), 0)
         elif self._awaiting_start is not None:
             # Do not wait for a slow starter: stop it now; its start then fails with shutdown.
             child = self.children.by_ref(self._awaiting_start)
@@ -164,6 +164,8 @@ class Supervisor:
         if self._job_call is not None:
             self._reply(self._job_call, ("error", "shutting_down"))
         self._job = self._job_call = None
+        self._was_init = self.status == "init"
+        self.status = "stopping"
         self._job = self._shutdown_job(reasons.shutdown("stopped"), 0)
 
     def _issue(self, request: tuple) -> tuple[Any, bool]:
@@ -223,15 +225,19 @@ class Supervisor:
                 for done in reversed(started):
                     if done.ref is not None:
                         yield ("stop", [done], False)
-                self._exit(reasons.abnormal(f"failed to start child {child.name}: {error}"), 1)
+                self._exit(reasons.abnormal(f"child {child.name} {error}"), 1)
                 return
             started.append(child)
         self.status = "running"
         self.core.post(self.parent_ref, Started(self.ref, self.core.os_pid))
 
-    def _shutdown_job(self, reason: ExitReason, code: int) -> Job:
+    def _shut_down(self, reason: ExitReason, code: int) -> None:
+        """Terminate every child (reverse start order; simple_one_for_one all at once), then exit."""
         self._was_init = self.status == "init"
         self.status = "stopping"
+        self._run(self._shutdown_job(reason, code))
+
+    def _shutdown_job(self, reason: ExitReason, code: int) -> Job:
         while self._mailbox:  # nothing queued will be served any more
             event = self._mailbox.popleft()
             if isinstance(event, Call):
@@ -305,7 +311,7 @@ class Supervisor:
                            self.last_exit[1] if self.last_exit else "?", len(self.history),
                            self.flags.period)
             self.core.note_give_up(self, child.name)
-            self._run(self._shutdown_job(reasons.shutdown("reached_max_restart_intensity"), 1))
+            self._shut_down(reasons.shutdown("reached_max_restart_intensity"), 1)
             return
         child.restarts += 1
         strategy = self.flags.strategy
@@ -323,7 +329,7 @@ class Supervisor:
         if mode == "all_significant" and any(c.spec.significant and c.alive for c in self.children):
             return
         self.log.info("supervisor=%s reason=auto_shutdown (%s): shutting down", self.path, mode)
-        self._run(self._shutdown_job(reasons.shutdown("auto_shutdown"), 0))
+        self._shut_down(reasons.shutdown("auto_shutdown"), 0)
 
     def _exit(self, reason: ExitReason, code: int) -> None:
         self.status = "dead"

@@ -3,7 +3,8 @@
 ``FakeProcesses`` plays the runner: it answers every ``StartWorker`` with ``Started`` (or
 ``StartFailed`` when told to) and every ``TerminateWorker`` with ``Exited(shutdown)``, at once and in
 order, so a unit test reads like a script: start, crash a child, look at the children, assert.
-Set ``hold_stops`` to leave terminations pending and finish them with ``finish_stop``.
+Set ``hold_stops`` / ``hold_starts`` to leave terminations / starts pending and complete them with
+``finish_stop`` / ``finish_start``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class FakeProcesses:
         self.history: list[tuple[str, str]] = []  # ("start" | "stop" | "start_failed", path)
         self.hold_stops = False
         self.pending_stops: list[int] = []
+        self.hold_starts = False
+        self.pending_starts: list[StartWorker] = []
         self.replies: dict[int, Any] = {}
         self.finished: Finished | None = None
         self.stop_reasons: dict[str, ExitReason] = {}  # path -> reason to report when terminated
@@ -75,6 +78,15 @@ class FakeProcesses:
         self.send(Call(self._call_ids, command, args, supervisor))
         return self.replies.get(self._call_ids)
 
+    def finish_start(self, ok: bool = True) -> None:
+        """Complete the oldest held start: Ready, or a failure with ``fail_reason``."""
+        action = self.pending_starts.pop(0)
+        if not ok:
+            self.history.append(("start_failed", action.path))
+            self._apply(self.core.handle(StartFailed(action.ref, self.fail_reason), self.clock.now))
+            return
+        self._apply(self._ready(action))
+
     def finish_stop(self, child: str | None = None) -> None:
         """Complete a held termination (the oldest, or the one of ``child``)."""
         ref = self.pending_stops[0] if child is None else self.running[self.path_of(child)][0]
@@ -83,7 +95,11 @@ class FakeProcesses:
 
     # -- looking -------------------------------------------------------------------------------
     def pid(self, child: str) -> int | None:
-        entry = self.running.get(self.path_of(child))
+        """The pid of ``child`` (id or path), None when it is not running."""
+        try:
+            entry = self.running.get(self.path_of(child))
+        except KeyError:
+            return None
         return entry[1] if entry else None
 
     def path_of(self, child: str) -> str:
@@ -109,7 +125,10 @@ class FakeProcesses:
         while todo:
             action = todo.popleft()
             if isinstance(action, StartWorker):
-                todo.extend(self._start(action))
+                if self.hold_starts:
+                    self.pending_starts.append(action)
+                else:
+                    todo.extend(self._start(action))
             elif isinstance(action, TerminateWorker):
                 if self.hold_stops:
                     self.pending_stops.append(action.ref)
@@ -127,6 +146,9 @@ class FakeProcesses:
                 self.fail_starts[action.child_id] = left - 1
             self.history.append(("start_failed", action.path))
             return self.core.handle(StartFailed(action.ref, self.fail_reason), self.clock.now)
+        return self._ready(action)
+
+    def _ready(self, action: StartWorker) -> list[Any]:
         self.next_pid += 1
         self.running[action.path] = (action.ref, self.next_pid)
         self.paths[action.ref] = action.path

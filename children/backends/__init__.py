@@ -3,6 +3,9 @@
 ``open_backend(url, name, base_dir)`` imports the backend's module only when asked, so that a host
 without, say, redis-py can still run on SQLite; a missing driver is a one-line ``BackendConfigError``
 naming the extra to install.
+
+``faulty+URL?plan`` (e.g. ``faulty+sqlite:///tasks.db?fail=ack:0.3&seed=1``) opens URL wrapped in
+``children/backends/faulty.py``'s fault injector, for tests and drills.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ SCHEMES: dict[str, tuple[str, str, str]] = {
     "nats": ("children.backends.nats", "NatsBackend", "nats"),
     "sqs": ("children.backends.sqs", "SqsBackend", "sqs"),
 }
+# faulty+SCHEME wraps SCHEME's backend in the fault injector (listed so config validation accepts it)
+FAULTY_PREFIX = "faulty+"
+SCHEMES.update({FAULTY_PREFIX + s: ("children.backends.faulty", "FaultyBackend", e)
+                for s, (_, _, e) in list(SCHEMES.items())})
 
 
 def scheme_of(url: str) -> str:
@@ -51,10 +58,14 @@ def open_backend(url: str, name: str = "default", base_dir: Path | None = None) 
     ``base_dir`` resolves relative paths (the config file's folder). Each backend class takes
     ``(url, name, base_dir)``. Raises BackendConfigError for an unknown scheme or a missing driver.
     """
+    if url[:len(FAULTY_PREFIX)].lower() == FAULTY_PREFIX:
+        from children.backends.faulty import open_faulty
+
+        return open_faulty(url, name, base_dir)
     scheme = scheme_of(url)
     if scheme not in SCHEMES:
-        allowed = ", ".join(sorted({s + "://" for s in SCHEMES}))
-        raise BackendConfigError(f"queue.url = {url!r}: unknown scheme; allowed: {allowed}")
+        allowed = ", ".join(sorted({s + "://" for s in SCHEMES if not s.startswith(FAULTY_PREFIX)}))
+        raise BackendConfigError(f"queue.url = {redact_url(url)!r}: unknown scheme; allowed: {allowed}")
     module_name, class_name, extra = SCHEMES[scheme]
     try:
         module = importlib.import_module(module_name)

@@ -52,9 +52,9 @@ class TaskState(str, enum.Enum):
     DEAD = "dead"  # dead-lettered; stays until requeued, deleted or purged
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per task on the hot path, where frozen costs 3x
 class Leased:
-    """One delivery of a task."""
+    """One delivery of a task (treat as read-only)."""
 
     task_id: str
     receipt: str  # opaque to callers; msgpack-safe

@@ -62,16 +62,11 @@ from children.backends.base import (
     Leased,
     Limits,
     Outcome,
-    QueueStats,
-    TaskInfo,
-    TaskState,
 )
+from children.backends.nats_admin import _KINDS, _UNTAGGED, NatsAdmin
 
 _T = TypeVar("_T")
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_ID = re.compile(r"[0-9a-f]{32}")
-_UNTAGGED = "_"
-_KINDS = ("tasks", "delay", "dead")
 
 
 def _one_line(text: str) -> str:
@@ -109,7 +104,7 @@ class _Receipt:
         self.delivered, self.seq = int(tokens[4]), int(tokens[5])
 
 
-class NatsBackend(Backend):
+class NatsBackend(NatsAdmin, Backend):
     """A lease queue on JetStream; see the module docstring for the layout and the limitations."""
 
     name = "nats"
@@ -171,7 +166,8 @@ class NatsBackend(Backend):
             future.cancel()
             raise BackendUnavailable(f"{self._server}: no answer ({type(exc).__name__})") from None
         except (nats.errors.NoServersError, ConnectionError, OSError) as exc:
-            raise BackendUnavailable(f"{self._server}: cannot connect ({exc or type(exc).__name__})") from None
+            why = exc or type(exc).__name__
+            raise BackendUnavailable(f"{self._server}: cannot connect ({why})") from None
         except (nats.js.errors.ServiceUnavailableError, nats.errors.Error) as exc:
             if isinstance(exc, nats.js.errors.APIError) and exc.code not in (None, 503):
                 raise BackendConfigError(f"{self._server}: JetStream refused: {exc.description}") from None
@@ -200,7 +196,8 @@ class NatsBackend(Backend):
     async def _ensure_streams(self) -> None:
         s = self._subject
         work = {"retention": RetentionPolicy.WORK_QUEUE}
-        specs = [StreamConfig(name=self._streams["tasks"], subjects=[f"{s}.tasks.*.*"], allow_direct=True, **work),
+        specs = [StreamConfig(name=self._streams["tasks"], subjects=[f"{s}.tasks.*.*"], allow_direct=True,
+                              **work),
                  StreamConfig(name=self._streams["delay"], subjects=[f"{s}.delay.*.*"], **work),
                  StreamConfig(name=self._streams["dead"], subjects=[f"{s}.dead.*.*"]),
                  # records of tasks deleted while leased are never purged: they age out
@@ -233,7 +230,8 @@ class NatsBackend(Backend):
         except nats.js.errors.NotFoundError:
             if create_with is None:
                 return 30.0
-            config = ConsumerConfig(durable_name=consumer, ack_policy=AckPolicy.EXPLICIT, ack_wait=create_with,
+            config = ConsumerConfig(durable_name=consumer, ack_policy=AckPolicy.EXPLICIT,
+                                    ack_wait=create_with,
                                     max_deliver=-1, max_ack_pending=-1, filter_subject=subject)
             try:
                 await self._js.add_consumer(stream, config)
@@ -322,7 +320,8 @@ class NatsBackend(Backend):
         # a redelivery records its count (the fence), carrying the error an immediate release left
         records = await asyncio.gather(*(self._fence_record(r.seq) for r in again))
         await asyncio.gather(*(self._js.publish(f"{self._subject}.fence.{r.seq}", json.dumps(
-            {"dc": r.delivered, "err": old.get("err", "")}).encode()) for r, old in zip(again, records, strict=True)))
+            {"dc": r.delivered, "err": old.get("err", "")}).encode())
+            for r, old in zip(again, records, strict=True)))
         return out
 
     async def _promote_due(self) -> None:
@@ -417,14 +416,15 @@ class NatsBackend(Backend):
     async def _settle(self, receipts: Sequence[str], body: bytes) -> dict[str, Outcome]:
         out = {text: Outcome.LOST for text in receipts}
         live = await self._live(list(out))
-        for (text, _, _), outcome in zip(live, await asyncio.gather(*(self._send(t, body) for t, _, _ in live)),
-                                         strict=True):
+        sent = await asyncio.gather(*(self._send(t, body) for t, _, _ in live))
+        for (text, _, _), outcome in zip(live, sent, strict=True):
             out[text] = outcome
         return out
 
     async def _forget(self, seqs: Sequence[int]) -> None:
-        await asyncio.gather(*(self._js.purge_stream(self._streams["fence"], subject=f"{self._subject}.fence.{s}")
-                               for s in seqs))
+        fence = self._streams["fence"]
+        await asyncio.gather(*(self._js.purge_stream(fence, subject=f"{self._subject}.fence.{seq}")
+                               for seq in seqs))
 
     def extend(self, receipts: Sequence[str], lease_secs: float) -> dict[str, Outcome]:
         return self._run(self._extend(list(dict.fromkeys(receipts)), lease_secs))
@@ -441,13 +441,14 @@ class NatsBackend(Backend):
         out = await self._settle(receipts, b"+ACK")
         for text in receipts:
             self._keep.pop(text, None)
-        await self._forget([_Receipt(t).seq for t, o in out.items() if o == Outcome.OK and _Receipt(t).delivered > 1])
+        acked = [_Receipt(t) for t, o in out.items() if o == Outcome.OK]
+        await self._forget([r.seq for r in acked if r.delivered > 1])
         return out
 
     def release(self, receipts: Sequence[str], delay_secs: float | Sequence[float] = 0.0,
                 errors: Sequence[str] | None = None) -> dict[str, Outcome]:
         delays = _per_item(delay_secs, len(receipts), "release delay_secs")
-        errs = _per_item(errors, len(receipts), "release errors") if errors is not None else [""] * len(receipts)
+        errs = _per_item("" if errors is None else errors, len(receipts), "release errors")
         return self._run(self._release(list(receipts), [float(d) for d in delays], errs))
 
     async def _release(self, receipts: list[str], delays: list[float], errs: list[str]) -> dict[str, Outcome]:
@@ -461,8 +462,8 @@ class NatsBackend(Backend):
         await asyncio.gather(*(self._js.publish(f"{self._subject}.fence.{r.seq}", json.dumps(
             {"dc": r.delivered, "err": error_of[t]}).encode()) for t, r, _ in live if error_of[t]))
         out = {receipts[i]: Outcome.LOST for i in now_idx}
-        for (text, _, _), outcome in zip(live, await asyncio.gather(*(self._send(t, b"-NAK") for t, _, _ in live)),
-                                         strict=True):
+        sent = await asyncio.gather(*(self._send(t, b"-NAK") for t, _, _ in live))
+        for (text, _, _), outcome in zip(live, sent, strict=True):
             out[text] = outcome
         # released with a delay: moved to the delay stream, where it is DELAYED with its error
         due = time.time()
@@ -557,136 +558,3 @@ class NatsBackend(Backend):
             return True
         except TimeoutError:
             return False
-
-    # -- admin -----------------------------------------------------------------------------------
-    async def _counts(self) -> dict[str, Any]:
-        infos = dict(zip(_KINDS, await asyncio.gather(*(self._js.stream_info(self._streams[k]) for k in _KINDS)),
-                         strict=True))
-        consumers = await self._js.consumers_info(self._streams["tasks"])
-        leased = sum(info.num_ack_pending or 0 for info in consumers)
-        return {"ready": max(0, infos["tasks"].state.messages - leased), "leased": leased,
-                "delayed": infos["delay"].state.messages, "dead": infos["dead"].state.messages,
-                "infos": infos, "consumers": consumers}
-
-    def stats(self) -> QueueStats:
-        return self._run(self._stats())
-
-    async def _stats(self) -> QueueStats:
-        counts = await self._counts()
-        firsts = [await self._next(k, counts["infos"][k].state.first_seq) for k in ("tasks", "delay")
-                  if counts["infos"][k].state.messages]
-        enqueued = [_enqueued_at(m) for m in firsts if m is not None]
-        return QueueStats(counts["ready"], counts["leased"], counts["delayed"], counts["dead"],
-                          max(0.0, time.time() - min(enqueued)) if enqueued else None)
-
-    async def _next(self, kind: str, seq: int, task_id: str = "*") -> Any | None:
-        """The first message of stream ``kind`` at or after ``seq`` (for one task id), or None."""
-        try:
-            return await self._js.get_msg(self._streams[kind], seq=max(1, seq), next=True,
-                                          subject=f"{self._subject}.{kind}.*.{task_id}")
-        except nats.js.errors.NotFoundError:
-            return None
-
-    async def _scan(self, kind: str, limit: int) -> list[Any]:
-        out, seq = [], 1
-        while len(out) < limit and (msg := await self._next(kind, seq)) is not None:
-            out.append(msg)
-            seq = msg.seq + 1
-        return out
-
-    async def _info(self, msg: Any, kind: str, consumers: list[Any]) -> TaskInfo:
-        *_, token, task_id = msg.subject.split(".")
-        tag, headers, payload = "" if token == _UNTAGGED else token, msg.headers or {}, msg.data or b""
-        base, error = int(headers.get("Lt-Attempts", "0")), headers.get("Lt-Error", "")
-        if kind == "dead":
-            return TaskInfo(task_id, TaskState.DEAD, payload, base, tag, _enqueued_at(msg), None, error,
-                            headers.get("Lt-Reason", ""))
-        if kind == "delay":
-            return TaskInfo(task_id, TaskState.DELAYED, payload, base, tag, _enqueued_at(msg),
-                            float(headers.get("Lt-Due", "0")), error, "")
-        delivered = max((c.delivered.stream_seq for c in consumers if c.delivered and c.config.filter_subject
-                         in (None, f"{self._subject}.tasks.{token}.*")), default=0)
-        record = await self._fence_record(msg.seq)
-        leased = msg.seq <= delivered
-        return TaskInfo(task_id, TaskState.LEASED if leased else TaskState.READY, payload,
-                        base + int(record.get("dc", 1 if leased else 0)), tag, _enqueued_at(msg), None,
-                        record.get("err") or error, "")
-
-    def list_tasks(self, state: TaskState | None = None, limit: int = 100) -> list[TaskInfo]:
-        return self._run(self._list(state, limit))
-
-    async def _list(self, state: TaskState | None, limit: int) -> list[TaskInfo]:
-        consumers = (await self._counts())["consumers"]
-        out: list[TaskInfo] = []
-        for kind, states in (("tasks", (TaskState.READY, TaskState.LEASED)), ("delay", (TaskState.DELAYED,)),
-                             ("dead", (TaskState.DEAD,))):
-            if state is not None and state not in states:
-                continue
-            # READY and LEASED share a stream: scan it all, then keep the state asked for
-            for msg in await self._scan(kind, limit if len(states) == 1 or state is None else 10**9):
-                info = await self._info(msg, kind, consumers)
-                if state is None or info.state == state:
-                    out.append(info)
-        out.sort(key=lambda i: i.enqueued_at)
-        return out[:limit]
-
-    def get(self, task_id: str) -> TaskInfo | None:
-        return self._run(self._get(task_id))
-
-    async def _get(self, task_id: str) -> TaskInfo | None:
-        if not _ID.fullmatch(task_id):
-            return None
-        for kind in _KINDS:
-            msg = await self._next(kind, 1, task_id)
-            if msg is not None:
-                return await self._info(msg, kind, (await self._counts())["consumers"] if kind == "tasks" else [])
-        return None
-
-    def delete(self, task_ids: Sequence[str]) -> int:
-        return self._run(self._delete([t for t in dict.fromkeys(task_ids) if _ID.fullmatch(t)]))
-
-    async def _delete(self, task_ids: list[str]) -> int:
-        count = 0
-        for task_id in task_ids:
-            for kind in _KINDS:
-                msg = await self._next(kind, 1, task_id)
-                if msg is not None and await self._delete_seq(self._streams[kind], msg.seq):
-                    count += 1
-                    if kind == "tasks":
-                        await self._forget([msg.seq])
-        return count
-
-    def requeue_dead(self, task_ids: Sequence[str] | None = None) -> int:
-        ids = None if task_ids is None else [t for t in dict.fromkeys(task_ids) if _ID.fullmatch(t)]
-        return self._run(self._requeue(ids))
-
-    async def _requeue(self, task_ids: list[str] | None) -> int:
-        if task_ids is None:
-            found = await self._scan("dead", 10**9)
-        else:
-            found = [m for m in await asyncio.gather(*(self._next("dead", 1, t) for t in task_ids)) if m]
-        moved = 0
-        for msg in found:
-            # a fresh start: attempts and last error are not carried back
-            await self._js.publish(self._subj("tasks", *msg.subject.split(".")[-2:]), msg.data or b"",
-                                   headers={"Lt-Enq": (msg.headers or {}).get("Lt-Enq", "0")})
-            moved += await self._delete_seq(self._streams["dead"], msg.seq)
-        if moved:
-            await self._nc.publish(f"{self._subject}.wake", b"")
-        return moved
-
-    def purge(self) -> int:
-        return self._run(self._purge())
-
-    async def _purge(self) -> int:
-        self._keep.clear()
-        infos = await asyncio.gather(*(self._js.stream_info(self._streams[k]) for k in _KINDS))
-        await asyncio.gather(*(self._js.purge_stream(s) for s in self._streams.values()))
-        return sum(info.state.messages for info in infos)
-
-
-def _enqueued_at(msg: Any) -> float:
-    value = (msg.headers or {}).get("Lt-Enq")
-    if value:
-        return float(value)
-    return msg.time.timestamp() if msg.time else 0.0

@@ -6,16 +6,19 @@ from boto3's usual chain (environment, ``~/.aws``, instance role); the region fr
 from that chain. ``endpoint_url=`` points at a local SQS (moto, ElasticMQ, LocalStack).
 
 Mapping: lease = ReceiveMessage (at most 10, VisibilityTimeout = the lease rounded up to whole
-seconds, long polling up to 20 s per request, ``ApproximateReceiveCount`` is the attempt); extend and
-release = ChangeMessageVisibilityBatch (release's delay is the new visibility); ack =
-DeleteMessageBatch; dead_letter = SendMessageBatch to ``<name>-dead`` (reason, attempt, last error as
-message attributes) then DeleteMessageBatch. Every batch is checked entry by entry: an invalid or
-expired receipt handle is LOST, a server-side fault is RETRY. The payload travels base64 in the body;
-the task id, tag and enqueue time are message attributes, so a requeued dead task keeps its id.
+seconds, long polling up to 20 s per request); extend = ChangeMessageVisibilityBatch; ack =
+DeleteMessageBatch; release now without an error = ChangeMessageVisibilityBatch(0); release with a
+delay or an error = SendMessageBatch of a copy (DelaySeconds = the delay, at most 900 s, so SQS counts
+it as delayed; attempts and error as attributes) then DeleteMessageBatch; dead_letter = the same copy
+to ``<name>-dead`` with the reason. Every batch is checked entry by entry: an invalid or expired
+receipt handle is LOST, a server-side fault is RETRY. The attempt is ``ApproximateReceiveCount`` plus
+the deliveries before the last copy (attribute ``lt-attempts``). The payload travels base64 in the
+body; the task id, tag and enqueue time are attributes, so a released or requeued task keeps its id.
 
-Receipts are JSON ``[receipt handle, task id, tag, enqueued at, attempt, body]``: SQS cannot read a message
-by its receipt handle, so the receipt carries the body that ``dead_letter`` copies. A receipt is as
-large as the task's payload.
+Receipts are JSON ``[receipt handle, task id, tag, enqueued at, attempt, last error, body]``: SQS
+cannot read a message by its receipt handle, so the receipt carries what a copy needs. A receipt is
+as large as the task's payload. A receipt this handle settled is LOST when settled again (SQS itself
+accepts a delete twice).
 
 Limitations (SQS has no API for them):
 - a stale receipt is not fenced: SQS keeps old receipt handles usable (moto honours them; on AWS a
@@ -25,8 +28,8 @@ Limitations (SQS has no API for them):
   BackendConfigError; tags are kept and reported, but use one queue name per tag to lease by tag.
 - ``list_tasks``, ``get`` and ``delete`` see dead tasks only (reading a live message would lease it);
   ``stats()`` counts are SQS's approximate ones and ``oldest_age_secs`` is None.
-- enqueue delays are at most 900 s (DelaySeconds); ``release(errors=...)`` is not kept (a message
-  cannot be changed), only the reason of a dead letter.
+- enqueue delays are at most 900 s (DelaySeconds; a longer one is a ValueError), release delays are
+  capped at 900 s. ``wait_for_work`` polls the approximate count once a second.
 - ``purge`` is PurgeQueue, which AWS allows once per 60 s per queue: within that minute it deletes
   the visible messages one batch at a time instead (leased ones stay). Its count is approximate.
 """
@@ -39,6 +42,7 @@ import math
 import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,6 +69,7 @@ _BATCH = 10
 _MAX_DELAY = 900  # SendMessage DelaySeconds
 _MAX_WAIT = 20  # ReceiveMessage WaitTimeSeconds
 _MESSAGE_BYTES = 256 * 1024
+_SETTLED_MEMORY = 100_000  # receipt handles this instance settled, to answer LOST when asked again
 # base64 turns 3 bytes into 4; 4 KiB is kept for the message attributes
 _MAX_PAYLOAD = (_MESSAGE_BYTES - 4096) // 4 * 3
 # entry errors that mean the delivery is gone, not that SQS had a bad moment
@@ -82,6 +87,10 @@ def _per_item(value: Any, count: int, what: str) -> list:
     if len(items) != count:
         raise ValueError(f"{what}: {len(items)} values for {count} receipts")
     return items
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())[:1000]
 
 
 def _chunks(items: Sequence[Any], size: int = _BATCH) -> list[Sequence[Any]]:
@@ -113,7 +122,9 @@ class SqsBackend(Backend):
             raise BackendConfigError(f"queue.name = {name!r}: an SQS queue name is 1-75 letters, digits, "
                                      "'_' or '-' (the dead-letter queue adds '-dead')")
         self._name = name
-        self._where = f"sqs queue {name!r}" + (f" at {query['endpoint_url']}" if "endpoint_url" in query else "")
+        self._settled: OrderedDict[str, None] = OrderedDict()
+        where = f" at {query['endpoint_url']}" if "endpoint_url" in query else ""
+        self._where = f"sqs queue {name!r}{where}"
         kwargs: dict[str, Any] = {
             "region_name": query.get("region"),
             "endpoint_url": query.get("endpoint_url"),
@@ -142,8 +153,9 @@ class SqsBackend(Backend):
                 botocore.exceptions.HTTPClientError) as exc:
             raise BackendUnavailable(f"{self._where}: {exc}") from None
         except botocore.exceptions.NoCredentialsError:
-            raise BackendConfigError(f"{self._where}: no AWS credentials; put them in the sqs:// URL "
-                                     "or the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)") from None
+            raise BackendConfigError(
+                f"{self._where}: no AWS credentials; put them in the sqs:// URL or the environment "
+                "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)") from None
         except botocore.exceptions.ClientError as exc:
             error = exc.response.get("Error", {})
             code, message = error.get("Code", ""), error.get("Message", "")
@@ -181,9 +193,12 @@ class SqsBackend(Backend):
     def _leased(self, message: dict) -> Leased:
         task_id = _attr(message, "lt-id", message["MessageId"])
         tag = _attr(message, "lt-tag")
-        attempt = int(message.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
+        # a released task is a new message: its earlier deliveries ride along in lt-attempts
+        attempt = int(_attr(message, "lt-attempts", "0")) + int(
+            message.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
         receipt = json.dumps([message["ReceiptHandle"], task_id, tag, _attr(message, "lt-enq", "0"),
-                              str(attempt), message["Body"]], separators=(",", ":"))
+                              str(attempt), _attr(message, "lt-error"), message["Body"]],
+                             separators=(",", ":"))
         return Leased(task_id, receipt, base64.b64decode(message["Body"]), attempt, tag)
 
     @staticmethod
@@ -192,25 +207,25 @@ class SqsBackend(Backend):
             parsed = json.loads(receipt)
         except ValueError:
             return None
-        ok = isinstance(parsed, list) and len(parsed) == 6 and all(isinstance(p, str) for p in parsed)
+        ok = isinstance(parsed, list) and len(parsed) == 7 and all(isinstance(p, str) for p in parsed)
         return parsed if ok else None
 
     def _batch(self, action: str, url: str, receipts: Sequence[str],
-               entry: Callable[[int, list], dict]) -> dict[str, Outcome]:
+               entry: Callable[[str, list], dict]) -> dict[str, Outcome]:
         """Send ``action`` in tens with one entry per receipt; OK, LOST or RETRY per receipt."""
         out: dict[str, Outcome] = {}
         valid = []
-        for i, receipt in enumerate(dict.fromkeys(receipts)):
+        for receipt in dict.fromkeys(receipts):
             parsed = self._parse(receipt)
-            if parsed is None:
+            if parsed is None or parsed[0] in self._settled:
                 out[receipt] = Outcome.LOST
             else:
-                valid.append((i, receipt, parsed))
+                valid.append((receipt, parsed))
         method = getattr(self._sqs, action)
         for chunk in _chunks(valid):
-            entries = [{"Id": str(i), **entry(i, parsed)} for i, _, parsed in chunk]
+            entries = [{"Id": str(i), **entry(receipt, parsed)} for i, (receipt, parsed) in enumerate(chunk)]
             reply = self._call(lambda e=entries: method(QueueUrl=url, Entries=e))
-            by_id = {str(i): receipt for i, receipt, _ in chunk}
+            by_id = {str(i): receipt for i, (receipt, _) in enumerate(chunk)}
             for ok in reply.get("Successful", []):
                 out[by_id[ok["Id"]]] = Outcome.OK
             for failed in reply.get("Failed", []):
@@ -221,40 +236,60 @@ class SqsBackend(Backend):
                 out.setdefault(receipt, Outcome.RETRY)  # neither listed: ask again
         return out
 
+    def _remember(self, receipts: Sequence[str], outcomes: dict[str, Outcome]) -> None:
+        """Note the handles this instance settled: SQS accepts a delete twice, we answer LOST."""
+        for receipt in receipts:
+            if outcomes.get(receipt) == Outcome.OK:
+                self._settled[json.loads(receipt)[0]] = None
+        while len(self._settled) > _SETTLED_MEMORY:
+            self._settled.popitem(last=False)
+
     def extend(self, receipts: Sequence[str], lease_secs: float) -> dict[str, Outcome]:
         visibility = int(math.ceil(min(max(lease_secs, 1.0), 43200.0)))
         return self._batch("change_message_visibility_batch", self._url, receipts,
-                           lambda i, p: {"ReceiptHandle": p[0], "VisibilityTimeout": visibility})
+                           lambda r, p: {"ReceiptHandle": p[0], "VisibilityTimeout": visibility})
 
     def ack(self, receipts: Sequence[str]) -> dict[str, Outcome]:
-        return self._batch("delete_message_batch", self._url, receipts,
-                           lambda i, p: {"ReceiptHandle": p[0]})
+        out = self._batch("delete_message_batch", self._url, receipts, lambda r, p: {"ReceiptHandle": p[0]})
+        self._remember(receipts, out)
+        return out
 
     def release(self, receipts: Sequence[str], delay_secs: float | Sequence[float] = 0.0,
                 errors: Sequence[str] | None = None) -> dict[str, Outcome]:
-        delays = dict(zip(receipts, _per_item(delay_secs, len(receipts), "release delay_secs"),
-                          strict=True))
-        order = list(dict.fromkeys(receipts))
-        return self._batch("change_message_visibility_batch", self._url, order, lambda i, p: {
-            "ReceiptHandle": p[0],
-            "VisibilityTimeout": int(math.ceil(min(max(0.0, float(delays[order[i]])), 43200.0)))})
+        delays = _per_item(delay_secs, len(receipts), "release delay_secs")
+        delay_of = dict(zip(receipts, delays, strict=True))
+        error_of = dict(zip(receipts, _per_item(errors if errors is not None else "", len(receipts),
+                                                "release errors"), strict=True))
+        # visible again at once and nothing to note: the message stays, one cheap call. Otherwise it
+        # is sent anew (DelaySeconds: SQS counts it DELAYED) with its attempts and error attached.
+        now = [r for r in receipts if float(delay_of[r]) <= 0 and not error_of[r]]
+        out = self._batch("change_message_visibility_batch", self._url, now,
+                          lambda r, p: {"ReceiptHandle": p[0], "VisibilityTimeout": 0})
+        moved = [r for r in receipts if r not in out]
+        out.update(self._move(moved, self._url, lambda r, p: {
+            "DelaySeconds": min(_MAX_DELAY, int(math.ceil(float(delay_of[r])))),
+            "MessageAttributes": _attrs(lt_id=p[1], lt_tag=p[2], lt_enq=p[3], lt_attempts=p[4],
+                                        lt_error=_one_line(error_of[r]))}))
+        self._remember(now, out)
+        return out
 
     def dead_letter(self, receipts: Sequence[str], reason: str | Sequence[str]) -> dict[str, Outcome]:
-        reasons = dict(zip(receipts, _per_item(reason, len(receipts), "dead_letter reason"), strict=True))
-        order = list(dict.fromkeys(receipts))
-        now = f"{time.time():.6f}"
+        reason_of = dict(zip(receipts, _per_item(reason, len(receipts), "dead_letter reason"), strict=True))
+        died = f"{time.time():.6f}"
+        return self._move(list(receipts), self._dead_url, lambda r, p: {"MessageAttributes": _attrs(
+            lt_id=p[1], lt_tag=p[2], lt_enq=p[3], lt_attempts=p[4], lt_error=p[5],
+            lt_reason=_one_line(reason_of[r]), lt_died=died)})
 
-        def copy(i: int, p: list) -> dict:
-            _handle, task_id, tag, enq, attempt, body = p
-            return {"MessageBody": body, "MessageAttributes": _attrs(
-                lt_id=task_id, lt_tag=tag, lt_enq=enq, lt_reason=" ".join(str(reasons[order[i]]).split()),
-                lt_died=now, lt_attempt=attempt)}
-
-        # copy first, delete second: a crash between them leaves a duplicate, never a loss
-        sent = self._batch("send_message_batch", self._dead_url, order, copy)
-        copied = [r for r in order if sent[r] == Outcome.OK]
+    def _move(self, receipts: list[str], url: str, entry: Callable[[str, list], dict]) -> dict[str, Outcome]:
+        """Send each delivery's body to ``url`` as a new message, then delete the delivery. Copy first:
+        a crash between the two leaves a duplicate, never a loss."""
+        if not receipts:
+            return {}
+        sent = self._batch("send_message_batch", url, receipts,
+                           lambda r, p: {"MessageBody": p[6], **entry(r, p)})
+        copied = [r for r in dict.fromkeys(receipts) if sent[r] == Outcome.OK]
         deleted = self.ack(copied) if copied else {}
-        return {r: deleted.get(r, sent[r] if sent[r] != Outcome.OK else Outcome.RETRY) for r in order}
+        return {r: deleted.get(r, sent[r]) for r in dict.fromkeys(receipts)}
 
     def enqueue(self, payloads: Sequence[bytes], delay_secs: float = 0.0, tag: str = "") -> list[str]:
         for payload in payloads:
@@ -287,6 +322,18 @@ class SqsBackend(Backend):
                     break
             else:
                 raise BackendUnavailable(f"{self._where}: {len(pending)} messages not sent after 3 tries")
+
+    def wait_for_work(self, timeout_secs: float) -> bool:
+        """Poll ApproximateNumberOfMessages once a second: SQS has no change signal short of a
+        receive, which would lease. On AWS that count can lag; ``lease(wait_secs)`` long-polls."""
+        deadline = time.monotonic() + max(0.0, timeout_secs)
+        while True:
+            if self._attributes(self._url).get("ApproximateNumberOfMessages", 0) > 0:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            time.sleep(min(1.0, remaining))
 
     def stats(self) -> QueueStats:
         main = self._attributes(self._url)
@@ -326,7 +373,7 @@ class SqsBackend(Backend):
 
     def _dead_info(self, message: dict) -> TaskInfo:
         return TaskInfo(_attr(message, "lt-id", message["MessageId"]), TaskState.DEAD,
-                        base64.b64decode(message["Body"]), int(_attr(message, "lt-attempt", "0")),
+                        base64.b64decode(message["Body"]), int(_attr(message, "lt-attempts", "0")),
                         _attr(message, "lt-tag"), float(_attr(message, "lt-enq", "0")), None,
                         _attr(message, "lt-error"), _attr(message, "lt-reason"))
 
@@ -369,7 +416,8 @@ class SqsBackend(Backend):
         for chunk in _chunks(found):
             # a new message, so ApproximateReceiveCount (the attempt) starts again from 0
             self._send(self._url, [{"Id": str(i), "MessageBody": m["Body"], "MessageAttributes": _attrs(
-                lt_id=_attr(m, "lt-id", m["MessageId"]), lt_tag=_attr(m, "lt-tag"), lt_enq=_attr(m, "lt-enq"))}
+                lt_id=_attr(m, "lt-id", m["MessageId"]), lt_tag=_attr(m, "lt-tag"),
+                lt_enq=_attr(m, "lt-enq"))}
                 for i, m in enumerate(chunk)])
             self._call(lambda c=chunk: self._sqs.delete_message_batch(
                 QueueUrl=self._dead_url,

@@ -55,9 +55,10 @@ class Contender:
     done_by_exit = False  # completion = every process exited 0 (command tasks write no done-file)
     modes = ("noop", "sleep")  # the tables this contender appears in
     stop_signal = signal.SIGTERM
+    max_tasks = 0  # > 0: a contender too slow for N runs only this many (its note says so)
 
     def task_count(self, n: int) -> int:
-        return n
+        return min(n, self.max_tasks) if self.max_tasks else n
 
     def prepare(self, ctx: RunContext) -> None:
         """Clean, then enqueue ``task_count(ctx.n)`` tasks. Not timed."""
@@ -153,11 +154,13 @@ class Rq(RedisPeer):
     exits_when_done = True
     modes = ("noop", "sleep", "latency")
 
-    def __init__(self, simple: bool) -> None:
+    def __init__(self, simple: bool, max_tasks: int = 0) -> None:
         self.simple = simple
         self.name = "rq-simple" if simple else "rq"
+        self.max_tasks = 0 if simple else max_tasks
         self.note = ("2 × rq worker --burst -w rq.worker.SimpleWorker (no fork per job)" if simple
-                     else "2 × rq worker --burst (forks a work-horse per job)")
+                     else "2 × rq worker --burst (forks a work-horse per job)"
+                     + (f"; ≤ {max_tasks} tasks (≈ 60–120 tasks/s)" if max_tasks else ""))
 
     def _queue(self, ctx: RunContext):  # noqa: ANN202 - rq's Queue, imported lazily
         import redis
@@ -332,9 +335,6 @@ class SeedPort(Contender):
                      f"delete per task), SQLite queue; runs /bin/true per task as the seed would; "
                      f"≤ {max_tasks} tasks (≈ 5 tasks/s by design)")
 
-    def task_count(self, n: int) -> int:
-        return min(n, self.max_tasks)
-
     def prepare(self, ctx: RunContext) -> None:
         fill_backend(sqlite_url(ctx), ctx, [b"%d" % i for i in range(self.task_count(ctx.n))])
 
@@ -369,10 +369,10 @@ class SpawnLoop(Contender):
                       "spawn.log")]
 
 
-def all_contenders(seed_max: int, dramatiq_prefetch: int) -> list[Contender]:
+def all_contenders(seed_max: int, rq_fork_max: int, dramatiq_prefetch: int) -> list[Contender]:
     """Every row, in table order (leasetree first: the ratios are to leasetree-sqlite)."""
     return [
         Leasetree("sqlite"), Leasetree("redis"),
-        Celery(), Huey(), Dramatiq(dramatiq_prefetch), Dramatiq(None), Rq(False), Rq(True),
+        Celery(), Huey(), Dramatiq(dramatiq_prefetch), Dramatiq(None), Rq(False, rq_fork_max), Rq(True),
         MpPool(1), MpPool(100), ZmqRaw(), SeedPort(seed_max), Xargs(), SpawnLoop(),
     ]

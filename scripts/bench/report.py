@@ -49,6 +49,10 @@ def _fmt_rate(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
+def _fmt_small(value: float) -> str:
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.3f}"
+
+
 def _error_cell(row: Row) -> str:
     return f"error: {row.errors[0]}"
 
@@ -72,7 +76,7 @@ def throughput_table(rows: list[Row], sleep_ms: float = 0.0, workers: int = 2) -
         line = [row.name, str(row.tasks), _fmt_rate(rate),
                 f"{_fmt_rate(min(row.rates))}–{_fmt_rate(max(row.rates))}",
                 f"{rate / base:.2f}" if base else "n/a",
-                f"{statistics.median(row.cpu_per_1k):.2f}",
+                _fmt_small(statistics.median(row.cpu_per_1k)),
                 f"{row.peak_rss / 2**20:.0f}",
                 f"{statistics.median(row.first_secs):.2f}" if row.first_secs else "–"]
         if sleep_ms:
@@ -159,8 +163,9 @@ def write_png(path: Path, charts: list[tuple[str, list[Row]]]) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("tasks/s (log scale; median, whiskers min–max)")
         ax.set_title(title, fontsize=10)
-        for y, m in enumerate(medians):
-            ax.text(m, y, f" {_fmt_rate(m)}", va="center", fontsize=8)
+        for y, (m, r) in enumerate(zip(medians, rows, strict=True)):
+            ax.text(max(r.rates) * 1.08, y, _fmt_rate(m), va="center", fontsize=8)
+        ax.set_xlim(right=max(max(r.rates) for r in rows) * 4)  # room for the last label
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

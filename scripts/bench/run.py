@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds one contender run may take (300)")
     p.add_argument("--seed-max", type=int, default=100,
                    help="cap on seed-port tasks: it drains ≈ 5 tasks/s by design (100)")
+    p.add_argument("--rq-fork-max", type=int, default=4000,
+                   help="cap on tasks of the forking rq row: ≈ 60–120 tasks/s here (4000)")
     p.add_argument("--dramatiq-prefetch", type=int, default=100, help="the tuned dramatiq prefetch (100)")
     p.add_argument("--samples", type=int, help="latency samples per contender (200; 50 with --quick)")
     p.add_argument("--interval-ms", type=float, default=20.0, help="latency: one enqueue every MS (20)")
@@ -66,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.commands_n = args.commands_n or (500 if args.quick else 5000)
     args.samples = args.samples or (50 if args.quick else 200)
-    for name in ("n", "repeats", "commands_n", "samples", "seed_max", "dramatiq_prefetch"):
+    for name in ("n", "repeats", "commands_n", "samples", "seed_max", "rq_fork_max", "dramatiq_prefetch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} = {getattr(args, name)}: must be at least 1")
     if any(ms <= 0 for ms in args.sleep_ms):
@@ -131,12 +133,14 @@ class Bench:
         procs = []
         try:
             contender.prepare(ctx)
-            m, procs = drain(ctx, contender.start, target, contender.done_by_exit)
+            # a command task (/bin/true) cannot write the done-file: such runs end when all exit 0
+            by_exit = contender.done_by_exit or mode == "command"
+            m, procs = drain(ctx, contender.start, target, by_exit)
             notes = contender.finish(ctx, procs)
             procs = []
             if not m.error:  # after a failure, how it stopped is noise
                 m.notes += notes
-            if not contender.done_by_exit and not m.error and ctx.done_count() > target:
+            if not by_exit and not m.error and ctx.done_count() > target:
                 m.notes.append(f"{ctx.done_count() - target} task(s) ran twice")
         except Exception as exc:  # any failure of one contender is its row's error, never the run's
             m = Measurement(error=one_line(exc))
@@ -237,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     from contenders import all_contenders
     from report import footnotes, latency_table, render_markdown, render_text, throughput_table, write_png
 
-    contenders = all_contenders(args.seed_max, args.dramatiq_prefetch)
+    contenders = all_contenders(args.seed_max, args.rq_fork_max, args.dramatiq_prefetch)
     workroot = Path(tempfile.mkdtemp(prefix="ltbench-"))
     bench = Bench(args, workroot)
     tables: list[tuple[str, list, str]] = []  # (title, rows, kind)
