@@ -250,8 +250,10 @@ class Leaser:
             if known is None or known.incarnation != message.incarnation:
                 self.log.info("%s joined (pid %d, %d slots, holding %d)", peer, message.incarnation,
                               message.slots, len(message.running) + len(message.finished))
-            self.ledger.on_hello(peer, "executor", message.incarnation, message.slots,
-                                 message.running, message.finished, now)
+            never_started = self.ledger.on_hello(peer, "executor", message.incarnation, message.slots,
+                                                 message.running, message.finished, now)
+            if never_started:
+                self.release_now(never_started, f"{peer} died before starting them")
             return
         if known is None or (isinstance(message, p.Ping) and message.incarnation != known.incarnation):
             self.send(peer, p.Sync(os.getpid()))
@@ -314,13 +316,17 @@ class Leaser:
     # -- stopping ----------------------------------------------------------------------------
     def release_held(self, why: str) -> None:
         held = self.ledger.take_held()
-        if not held:
-            return
+        if held:
+            self.release_now(held, why)
+
+    def release_now(self, receipts: list[str], why: str) -> None:
+        """Give back tasks that never started, at once and with no delay."""
         try:
-            self.backend.release(held, 0.0)
-            self.log.info("%s: released %d tasks not yet started", why, len(held))
+            self.backend.release(receipts, 0.0)
+            self.log.info("%s: released %d tasks not yet started", why, len(receipts))
         except BackendError as exc:
-            self.log.warning("%s: releasing %d tasks failed, their leases will expire: %s", why, len(held), exc)
+            self.log.warning("%s: releasing %d tasks failed, their leases will expire: %s",
+                             why, len(receipts), exc)
 
     def stop_cold(self) -> int:
         """Second signal: kill running tasks, release everything not acked, and go."""

@@ -43,6 +43,7 @@ class Entry:
     ok: bool = False
     error: str = ""
     settle_sent_at: float | None = None
+    seq: int = 0  # dispatch order: an executor runs its tasks in this order
 
 
 @dataclass(slots=True)
@@ -76,6 +77,7 @@ class Ledger:
         self.peers: dict[str, Peer] = {}
         self.to_settle: list[str] = []  # finished receipts not yet sent to the reaper
         self.finished_count = 0
+        self.dispatch_seq = 0
         self.ext_floor: float | None = None  # no extension is due before this
         self.settle_floor: float | None = None  # no unconfirmed settle was sent before this
         self.task_secs = 0.0  # moving average of task run time, sizes dispatch runs
@@ -184,6 +186,8 @@ class Ledger:
                 entry.state = RUNNING
                 entry.peer = peer.name
                 entry.dispatched_at = now
+                self.dispatch_seq += 1
+                entry.seq = self.dispatch_seq
                 peer.running.add(receipt)
                 items.append([entry.task_id, receipt, entry.payload or b"", entry.attempt, entry.tag])
                 entry.payload = None  # the executor has it now; do not keep 10 MB twice
@@ -193,21 +197,31 @@ class Ledger:
 
     # -- peers -------------------------------------------------------------------------------
     def on_hello(self, name: str, kind: str, incarnation: int, slots: int, running: list[list[Any]],
-                 finished: list[list[Any]], now: float) -> None:
-        """A peer (re)introduced itself. A new incarnation of an executor means the old one died:
-        what we had given it and it does not report is failed (and so released or dead-lettered)."""
+                 finished: list[list[Any]], now: float) -> list[str]:
+        """A peer (re)introduced itself. A new incarnation of an executor means the old one died.
+
+        Of what we had given it and it does not report, the first ``slots`` in dispatch order were
+        running (an executor runs its tasks in order): they count as failed attempts, so a task that
+        keeps killing its executor ends in the dead letter. The rest never started; they are
+        returned, removed from the ledger, to be released at once without blame."""
         old = self.peers.get(name)
         reported = {item[1] for item in running} | {item[1] for item in finished}
+        never_started: list[str] = []
         if old is not None and old.kind == "executor":
-            for receipt in list(old.running):
-                receipt = self.aliases.get(receipt, receipt)
-                if receipt not in reported and receipt in self.entries:
-                    died = "executor died" if old.incarnation != incarnation else "executor lost it"
-                    self._finish(self.entries[receipt], False, f"{died} ({name}, pid {old.incarnation})", 0.0)
+            lost = [self.entries[r] for r in (self.aliases.get(r, r) for r in old.running)
+                    if r not in reported and r in self.entries]
+            lost.sort(key=lambda e: e.seq)
+            died = "executor died" if old.incarnation != incarnation else "executor lost it"
+            for index, entry in enumerate(lost):
+                if index < max(1, old.slots):
+                    self._finish(entry, False, f"{died} while running it ({name}, pid {old.incarnation})", 0.0)
+                else:
+                    self._drop(entry)
+                    never_started.append(entry.receipt)
         peer = Peer(name, kind, incarnation, slots, retiring=(kind == "executor" and slots == 0))
         self.peers[name] = peer
         if kind != "executor":
-            return
+            return never_started
         for task_id, receipt, attempt, running_secs in running:
             receipt = self.aliases.get(receipt, receipt)
             entry = self.entries.get(receipt)
@@ -224,6 +238,7 @@ class Ledger:
             entry.dispatched_at = entry.dispatched_at or now - running_secs
             peer.running.add(receipt)
         self.on_done(name, finished, now, adopting=True)
+        return never_started
 
     def on_done(self, name: str, items: list[list[Any]], now: float, adopting: bool = False) -> list[str]:
         """An executor reported completions. Returns receipts it should forget because we no longer

@@ -5,8 +5,10 @@ Before the target is called, the child
    still its parent (it may have died before the prctl);
 2. becomes the leader of its own process group, so the root can kill it and everything it started
    with one ``killpg``, and a terminal's Ctrl-C reaches only the root;
-3. installs SIGTERM/SIGINT handlers that only record (``ctx.stop_requested += 1``) and write a byte
-   to ``ctx.wakeup_fd``: the target's loop decides what a stop means;
+3. installs SIGTERM/SIGINT handlers that only record (``ctx.stop_requested += 1``); the signal also
+   writes a byte to ``ctx.wakeup_fd`` (``signal.set_wakeup_fd``, so it wakes a main thread blocked
+   in poll even when the kernel delivered the signal to another thread): the target's loop decides
+   what a stop means;
 4. starts a heartbeat thread owning the supervision socket (a DEALER to the root's ROUTER at
    ``sup.ipc``, in a zmq Context created here, never the parent's): it sends ``Ready`` as soon as
    the target calls ``ctx.ready()``, then a ``Heartbeat`` with the latest ``ctx.report()`` stats
@@ -120,11 +122,8 @@ class ChildContext:
             os.write(self._guard_fd, line)  # < PIPE_BUF: atomic even with other writers
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        # The byte on wakeup_fd was already written by the C-level handler (set_wakeup_fd).
         self.stop_requested += 1
-        try:
-            os.write(self._wake_w, b"\x00")
-        except BlockingIOError:
-            pass  # the pipe is full: the reader has plenty to wake up on
 
     def _start_heartbeats(self) -> None:
         self._thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
@@ -185,8 +184,10 @@ def child_main(child_id: str, path: str, runtime_dir: str, heartbeat_secs: float
         os.setpgid(0, 0)
     except OSError:
         pass  # the root already made us a group leader
-    signal.set_wakeup_fd(-1)  # the root's wake-up pipe is not ours
     ctx = ChildContext(child_id, path, pathlib.Path(runtime_dir), heartbeat_secs, sup_endpoint, guard_fd)
+    # The C-level handler writes to this fd from whatever thread the kernel picked, so a main
+    # thread blocked in poll/select wakes up; the Python handler then runs in the main thread.
+    signal.set_wakeup_fd(ctx._wake_w, warn_on_full_buffer=False)
     signal.signal(signal.SIGTERM, ctx._on_signal)
     signal.signal(signal.SIGINT, ctx._on_signal)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)

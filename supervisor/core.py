@@ -14,10 +14,19 @@ from collections import deque
 from typing import Any
 
 from supervisor.events import (
-    Action, Call, Event, Exited, Finished, Reply, Started, StartFailed, Stop, TryAgain,
+    Action,
+    Call,
+    Event,
+    Exited,
+    Finished,
+    Reply,
+    Started,
+    StartFailed,
+    Stop,
+    TryAgain,
 )
 from supervisor.reasons import ExitReason
-from supervisor.spec import ChildSpec, SupFlags, SupervisorStart
+from supervisor.spec import ChildSpec, SupervisorStart, SupFlags
 from supervisor.strategy import Init, Supervisor
 
 READ_ONLY = ("which_children", "count_children")

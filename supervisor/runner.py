@@ -256,7 +256,8 @@ class ProcessRunner:
             if proc.state == "starting":
                 log.error("child=%s pid=%d reason=no Ready within %gs: killing it", proc.path,
                           proc.pid, self.start_timeout)
-                proc.killed_for = reasons.abnormal(f"failed to start: no Ready within {self.start_timeout:g}s")
+                proc.killed_for = reasons.abnormal(
+                    f"failed to start: no Ready within {self.start_timeout:g}s")
             else:
                 log.warning("child=%s pid=%d reason=shutdown timeout: killing its process group",
                             proc.path, proc.pid)

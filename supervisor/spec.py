@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 Restart = Literal["permanent", "transient", "temporary"]
 Strategy = Literal["one_for_one", "one_for_all", "rest_for_one", "simple_one_for_one"]
 AutoShutdown = Literal["never", "any_significant", "all_significant"]
 ChildType = Literal["worker", "supervisor"]
-Shutdown = Union[float, Literal["brutal_kill", "infinity"]]
+Shutdown = float | Literal["brutal_kill", "infinity"]
 
 RESTARTS = ("permanent", "transient", "temporary")
 STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one", "simple_one_for_one")

@@ -30,11 +30,19 @@ from typing import TYPE_CHECKING, Any
 from supervisor import reasons
 from supervisor.children_table import Child, ChildrenTable
 from supervisor.events import (
-    Call, Exited, Reply, Started, StartFailed, StartWorker, Stop, TerminateWorker, TryAgain,
+    Call,
+    Exited,
+    Reply,
+    Started,
+    StartFailed,
+    StartWorker,
+    Stop,
+    TerminateWorker,
+    TryAgain,
 )
 from supervisor.intensity import add_restart, exceeded
 from supervisor.reasons import ExitReason
-from supervisor.spec import ChildSpec, SpecError, SupFlags, SupervisorStart, check_children
+from supervisor.spec import ChildSpec, SpecError, SupervisorStart, SupFlags, check_children
 
 if TYPE_CHECKING:
     from supervisor.core import TreeCore

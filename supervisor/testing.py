@@ -15,7 +15,15 @@ from typing import Any
 from supervisor import reasons
 from supervisor.core import TreeCore
 from supervisor.events import (
-    Call, Exited, Finished, Reply, Started, StartFailed, StartWorker, Stop, TerminateWorker,
+    Call,
+    Exited,
+    Finished,
+    Reply,
+    Started,
+    StartFailed,
+    StartWorker,
+    Stop,
+    TerminateWorker,
 )
 from supervisor.reasons import ExitReason
 

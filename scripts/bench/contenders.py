@@ -190,7 +190,10 @@ class Rq(RedisPeer):
                       f"rq{k}.log") for k in range(2)]
 
     def enqueue_one(self, ctx: RunContext, payload: str) -> None:
-        self._queue(ctx).enqueue("benchtask.stamp", payload, job_id=f"ltbench-{uuid.uuid4().hex}")
+        # one connection for all samples, as the other contenders keep theirs
+        if getattr(self, "_latency_ctx", None) is not ctx:
+            self._latency_queue, self._latency_ctx = self._queue(ctx), ctx
+        self._latency_queue.enqueue("benchtask.stamp", payload, job_id=f"ltbench-{uuid.uuid4().hex}")
 
 
 # -- huey (SQLite) ---------------------------------------------------------------------------------

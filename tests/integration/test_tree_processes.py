@@ -66,9 +66,14 @@ def test_start_order_and_reverse_stop(rundir: Path) -> None:
         wait_until(lambda: running(rd, *names), what="all running")
         before = pids(rd)
         os.kill(before["d"], signal.SIGKILL)
-        wait_until(lambda: (p := pids(rd)) and all(p[n] not in (None, before[n]) for n in "dac")
-                   and all(r["state"] == "running" for r in control.call(rd, "status")["children"]),
-                   what="d, a, c restarted")
+        wait_until(
+            lambda: (
+                (p := pids(rd))
+                and all(p[n] not in (None, before[n]) for n in "dac")
+                and all(r["state"] == "running" for r in control.call(rd, "status")["children"])
+            ),
+            what="d, a, c restarted",
+        )
         after = pids(rd)
         assert after["e"] == before["e"] and after["b"] == before["b"]
         control.call(rd, "stop")
@@ -82,9 +87,14 @@ def test_start_order_and_reverse_stop(rundir: Path) -> None:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("strategy, restarted", [
-    ("one_for_one", {"b"}), ("one_for_all", {"a", "b", "c"}), ("rest_for_one", {"b", "c"}),
-])
+@pytest.mark.parametrize(
+    "strategy, restarted",
+    [
+        ("one_for_one", {"b"}),
+        ("one_for_all", {"a", "b", "c"}),
+        ("rest_for_one", {"b", "c"}),
+    ],
+)
 def test_strategy_with_real_processes(rundir: Path, strategy: str, restarted: set[str]) -> None:
     tree = make_tree(rundir, SupFlags(strategy, 5, 60), [w("a"), w("b"), w("c")])
 
@@ -92,8 +102,10 @@ def test_strategy_with_real_processes(rundir: Path, strategy: str, restarted: se
         wait_until(lambda: running(rd, "a", "b", "c"), what="all running")
         before = pids(rd)
         os.kill(before["b"], signal.SIGKILL)
-        wait_until(lambda: (p := pids(rd)) and p["b"] not in (None, before["b"]) and running(rd, "a", "b", "c"),
-                   what="b restarted")
+        wait_until(
+            lambda: (p := pids(rd)) and p["b"] not in (None, before["b"]) and running(rd, "a", "b", "c"),
+            what="b restarted",
+        )
         after = pids(rd)
         changed = {n for n in "abc" if after[n] != before[n]}
         control.call(rd, "stop")
@@ -112,7 +124,7 @@ def test_simple_one_for_one_pool(rundir: Path) -> None:
         wait_until(lambda: running(rd, "e.0", "e.1", "e.2"), what="pool up")
         before = pids(rd)
         os.kill(before["e.1"], signal.SIGKILL)
-        wait_until(lambda: (p := pids(rd))["e.1"] not in (None, before["e.1"]), what="e.1 restarted")
+        wait_until(lambda: pids(rd)["e.1"] not in (None, before["e.1"]), what="e.1 restarted")
         new_pid = control.call(rd, "start_child", {"supervisor": "pool", "args": []})
         assert control.call(rd, "count_children", {"supervisor": "pool"})["active"] == 4
         assert control.call(rd, "terminate_child", {"supervisor": "pool", "pid": new_pid}) == "ok"
@@ -130,13 +142,16 @@ def test_simple_one_for_one_pool(rundir: Path) -> None:
 
 @pytest.mark.timeout(30)
 def test_intensity_exceeded_gives_up_with_one_line(rundir: Path, caplog) -> None:
-    tree = make_tree(rundir, SupFlags(intensity=2, period=60), [w("steady"), w("crasher", "crash_after", 20, 3)])
+    tree = make_tree(
+        rundir, SupFlags(intensity=2, period=60), [w("steady"), w("crasher", "crash_after", 20, 3)]
+    )
     with caplog.at_level(logging.INFO):
         code = tree.run()
     assert code == 1
     lines = [r.getMessage() for r in caplog.records if "gave up" in r.getMessage()]
-    assert lines == ["supervisor root gave up: child crasher restarted 3 times within 60s (intensity 2), "
-                     "last exit: exit 3"]
+    assert lines == [
+        "supervisor root gave up: child crasher restarted 3 times within 60s (intensity 2), last exit: exit 3"
+    ]
 
 
 @pytest.mark.timeout(30)
@@ -174,12 +189,13 @@ def test_failed_restart_is_retried_until_intensity(rundir: Path, caplog) -> None
 
 @pytest.mark.timeout(30)
 def test_heartbeat_timeout_kills_a_frozen_child(rundir: Path, caplog) -> None:
-    tree = make_tree(rundir, SupFlags(intensity=5), [w("frozen", "freeze")], heartbeat_secs=0.1,
-                     heartbeat_timeout_secs=0.5)
+    tree = make_tree(
+        rundir, SupFlags(intensity=5), [w("frozen", "block_gil")], heartbeat_secs=0.1, heartbeat_timeout_secs=0.5
+    )
 
     def script(rd):
         first = wait_until(lambda: pids(rd).get("frozen"), what="frozen up")
-        wait_until(lambda: (p := pids(rd).get("frozen")) not in (None, first), what="a restart")
+        wait_until(lambda: pids(rd).get("frozen") not in (None, first), what="a restart")
         assert not pid_alive(first)
         control.call(rd, "stop")
 
@@ -192,8 +208,14 @@ def test_heartbeat_timeout_kills_a_frozen_child(rundir: Path, caplog) -> None:
 @pytest.mark.timeout(30)
 def test_shutdown_timeout_kills_the_whole_group(rundir: Path) -> None:
     pidfile = rundir / "sleeper.pids"
-    tree = make_tree(rundir, SupFlags(), [w("stubborn", "ignore_sigterm", shutdown=0.3),
-                                          w("sleeper", "spawn_sleep", str(pidfile), shutdown="brutal_kill")])
+    tree = make_tree(
+        rundir,
+        SupFlags(),
+        [
+            w("stubborn", "ignore_sigterm", shutdown=0.3),
+            w("sleeper", "spawn_sleep", str(pidfile), shutdown="brutal_kill"),
+        ],
+    )
 
     def script(rd):
         wait_until(lambda: running(rd, "stubborn", "sleeper"), what="both up")
@@ -214,14 +236,19 @@ def test_shutdown_timeout_kills_the_whole_group(rundir: Path) -> None:
 @pytest.mark.timeout(30)
 def test_control_answers_during_a_slow_stop_and_cold_cuts_it_short(rundir: Path) -> None:
     log = rundir / "events.log"
-    tree = make_tree(rundir, SupFlags(), [w("first", "idle", str(log)), w("drainer", "slow_stop", 20, str(log),
-                                                                         shutdown="infinity")])
+    tree = make_tree(
+        rundir,
+        SupFlags(),
+        [w("first", "idle", str(log)), w("drainer", "slow_stop", 20, str(log), shutdown="infinity")],
+    )
 
     def script(rd):
         wait_until(lambda: running(rd, "first", "drainer"), what="up")
         control.call(rd, "stop")
-        rows = wait_until(lambda: (s := running(rd, "first")) and s["drainer"]["state"] == "terminating" and s,
-                          what="drainer terminating")
+        rows = wait_until(
+            lambda: (s := running(rd, "first")) and s["drainer"]["state"] == "terminating" and s,
+            what="drainer terminating",
+        )
         assert rows["first"]["state"] == "running"  # reverse order: first waits for drainer
         assert control.call(rd, "which_children")[0]["id"] == "drainer"
         with pytest.raises(control.ControlError, match="shutting_down"):
@@ -265,19 +292,27 @@ def test_sighup_is_recorded(rundir: Path) -> None:
 
 @pytest.mark.timeout(30)
 def test_auto_shutdown_of_the_root_returns_0(rundir: Path) -> None:
-    tree = make_tree(rundir, SupFlags(auto_shutdown="any_significant"),
-                     [w("reaper"), w("leaser", "crash_after", 200, 0, restart="transient", significant=True)])
+    tree = make_tree(
+        rundir,
+        SupFlags(auto_shutdown="any_significant"),
+        [w("reaper"), w("leaser", "crash_after", 200, 0, restart="transient", significant=True)],
+    )
     assert tree.run() == 0
 
 
 @pytest.mark.timeout(30)
 def test_exit_shutdown_code_means_shutdown(rundir: Path, caplog) -> None:
-    tree = make_tree(rundir, SupFlags(auto_shutdown="any_significant"),
-                     [w("a"), w("quitter", "exit_shutdown", restart="transient", significant=True)])
+    tree = make_tree(
+        rundir,
+        SupFlags(auto_shutdown="any_significant"),
+        [w("a"), w("quitter", "exit_shutdown", restart="transient", significant=True)],
+    )
     with caplog.at_level(logging.INFO):
         assert tree.run() == 0
-    assert any("child=quitter reason=shutdown: child_terminated, not restarted" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "child=quitter reason=shutdown: child_terminated, not restarted" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 @pytest.mark.timeout(30)
@@ -285,13 +320,17 @@ def test_stats_survive_restarts(rundir: Path) -> None:
     tree = make_tree(rundir, SupFlags(intensity=5), [w("counter", "count_up", 5)], heartbeat_secs=0.05)
 
     def script(rd):
-        wait_until(lambda: control.call(rd, "status")["stats"].get("counter", {}).get("work_total", 0) >= 10,
-                   what="first counts")
+        wait_until(
+            lambda: control.call(rd, "status")["stats"].get("counter", {}).get("work_total", 0) >= 10,
+            what="first counts",
+        )
         os.kill(pids(rd)["counter"], signal.SIGKILL)
         before = control.call(rd, "status")["stats"]["counter"]["work_total"]
         wait_until(lambda: pids(rd).get("counter"), what="restart")
-        stats = wait_until(lambda: (s := control.call(rd, "status")["stats"]["counter"])["work_total"] > before
-                           and s, what="more counts")
+        stats = wait_until(
+            lambda: (s := control.call(rd, "status")["stats"]["counter"])["work_total"] > before and s,
+            what="more counts",
+        )
         control.call(rd, "stop")
         return before, stats
 

@@ -99,12 +99,15 @@ def fail_start_if_exists(ctx, path: str, log: str | None = None) -> int:
     return idle(ctx, log)
 
 
-def freeze(ctx) -> int:
-    """Says Ready, then stops itself (SIGSTOP): its heartbeats stop."""
+def block_gil(ctx) -> int:
+    """Says Ready, then blocks in C holding the GIL (ctypes.PyDLL does not release it): its
+    heartbeat thread stops too, as it would under a runaway C extension."""
+    import ctypes
+
     ctx.ready()
-    ctx._ready_sent.wait(5)  # freezing before the heartbeat thread sent Ready would look like a hung start
-    os.kill(os.getpid(), signal.SIGSTOP)
-    _wait_for_stop(ctx)
+    ctx._ready_sent.wait(5)
+    ctx._poke.wait(0.05)  # let zmq's own (non-Python) IO thread put Ready on the wire
+    ctypes.PyDLL(None).sleep(60)
     return 0
 
 
@@ -112,6 +115,19 @@ def spawn_sleep(ctx, pidfile: str) -> int:
     """Starts ``sh -c 'sleep 300; true'`` (a shell that starts sleep), writes
     "<sh pid> <sleep pid>" to ``pidfile``, says Ready, idles."""
     proc = subprocess.Popen(["sh", "-c", "sleep 300; true"])
+    return _record_shell_and_idle(ctx, proc, pidfile)
+
+
+def spawn_tracked(ctx, pidfile: str) -> int:
+    """Like ``spawn_sleep`` but the shell gets a session (and process group) of its own, dies with
+    this worker (``ctx.spawn_guard``) and its group is reported to the tree's guard."""
+    proc = subprocess.Popen(["sh", "-c", "sleep 300; true"], start_new_session=True,
+                            preexec_fn=ctx.spawn_guard)
+    ctx.track_group(proc.pid)
+    return _record_shell_and_idle(ctx, proc, pidfile)
+
+
+def _record_shell_and_idle(ctx, proc, pidfile: str) -> int:
     deadline = time.monotonic() + 5
     sleeper = None
     while sleeper is None and time.monotonic() < deadline:
@@ -209,7 +225,8 @@ def main(argv: list[str]) -> int:
     pool = SupervisorStart(SupFlags("simple_one_for_one"), (ChildSpec("e", (me, "idle", ())),),
                            initial_extra_args=((), ()))
     children = [ChildSpec("idle", (me, "idle", ())), ChildSpec("pool", pool),
-                ChildSpec("sleeper", (me, "spawn_sleep", (pidfile,)))]
+                ChildSpec("sleeper", (me, "spawn_sleep", (pidfile,))),
+                ChildSpec("tracked", (me, "spawn_tracked", (pidfile + ".tracked",)))]
     return Tree(SupFlags(), children, rundir, heartbeat_secs=0.2).run()
 
 

@@ -211,3 +211,20 @@ def test_retiring_executor_gets_no_work():
     hello(ledger, "executor.0", slots=0)
     ledger.add_leased(leased(1), now=0.0)
     assert ledger.dispatch(0.0) == []
+
+
+def test_executor_death_blames_only_the_task_it_was_running_and_returns_the_rest_unstarted():
+    ledger = make()
+    hello(ledger, "executor.0", incarnation=100)
+    ledger.add_leased(leased(1), now=0.0)
+    (_, items), = ledger.dispatch(0.0)
+    ledger.on_done("executor.0", [[items[0][0], items[0][1], True, "", 1, 0.00001]], now=0.0)
+    ledger.add_leased(leased(5, start=1), now=0.0)
+    (_, run), = ledger.dispatch(0.0)  # a run of five tiny tasks, executed in this order
+    assert [i[1] for i in run] == ["r1", "r2", "r3", "r4", "r5"]
+    ledger.on_done("executor.0", [["t1", "r1", True, "", 1, 0.00001]], now=0.1)  # r1 finished
+    never_started = ledger.on_hello("executor.0", "executor", 200, 1, [], [], now=0.2)
+    assert never_started == ["r3", "r4", "r5"]
+    blamed = [i for i in ledger.take_settles(0.2) if not i[2]]
+    assert [i[1] for i in blamed] == ["r2"] and "executor died while running it" in blamed[0][3]
+    assert set(ledger.entries) == {"r0", "r1", "r2"}

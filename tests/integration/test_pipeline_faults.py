@@ -1,0 +1,246 @@
+"""The whole tree under faults and bad input: a failing backend, garbage on every socket, awkward
+payloads, a bad command, a callable that returns the wrong type. Real processes, real sockets,
+a real SQLite queue; faults from ``children/backends/faulty.py`` through the queue URL."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from children.backends import TaskState, open_backend
+from config import load
+from supervisor.rundir import runtime_dir
+from tests.integration.harness import (
+    RunningTree,
+    enqueue,
+    queue_stats,
+    records,
+    supervise,
+    wait_until,
+    write_config,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def settled(config: Path, dead: int = 0) -> bool:
+    stats = queue_stats(config)
+    return (stats.ready, stats.leased, stats.delayed, stats.dead) == (0, 0, 0, dead)
+
+
+def restarts(status: dict[str, Any]) -> dict[str, int]:
+    return {c["id"]: c.get("restarts", 0) for c in status.get("children", [])}
+
+
+# -- a backend that keeps failing ---------------------------------------------------------------
+
+# each kind fails on its 2nd call for sure, then at random: 20 % plainly, 5 % after taking effect
+FAULTS = ("fail=ack@2,extend@2,lease@2,ack:0.2,extend:0.2,lease:0.2&half=ack:0.05,extend:0.05,lease:0.05"
+          "&delay=0.05&seed=7")
+
+
+def test_tree_on_a_failing_backend_finishes_everything_without_restarts(tmp_path: Path) -> None:
+    """A quarter of lease/extend/ack calls fail (a fifth of those after taking effect). Every task
+    still runs and is acked, nothing is dead-lettered, and no process restarts: a backend error is
+    retried with backoff, not a crash."""
+    config = write_config(tmp_path, queue={"url": f"faulty+sqlite:///tasks.db?{FAULTS}"},
+                          leaser={"lease_secs": 1.0}, retry={"max_attempts": 20})
+    record = tmp_path / "runs.txt"
+    count = 300
+    # the sleeps outlive a 1 s lease, so extensions happen, and fail, while tasks run
+    payloads = ["ok"] * (count - 6) + ["sleep:1.5"] * 6
+    with RunningTree(config, record) as tree:
+        before = tree.wait_ready()
+        pids = tree.child_pids()
+        enqueue(config, payloads)
+        wait_until(lambda: settled(config), 90, "every task acked")
+        status = wait_until(lambda: (s := tree.status()) and s["stats"]["reaper"]["pending"] == 0 and s,
+                            10, "the reaper to hold nothing")
+        assert tree.child_pids() == pids and restarts(status) == restarts(before)
+        output = tree.output()
+        for call in ("lease", "extend", "ack"):
+            assert f"backend {call} failed" in output, output
+        assert "Traceback" not in output
+    runs = records(record)
+    assert len(runs) == count  # every task ran ...
+    duplicates = sum(runs.values()) - count
+    # ... and again only where a lost lease let it be leased twice: a handful, not a storm
+    assert duplicates <= count // 10, runs.most_common(5)
+    # 3 of 4 calls succeed, so a streak of 10 failures in a row means a success did not reset it
+    assert "(10 in a row)" not in output, output
+
+
+# -- garbage on every socket --------------------------------------------------------------------
+
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def garbage_frames(rng: random.Random) -> list[bytes]:
+    """Random bytes, truncated msgpack, and valid msgpack of the wrong shape."""
+    good = msgpack.packb([1, 23, [["1", "1.2", b"payload", 1, ""]]], use_bin_type=True)
+    frames = [b"", bytes(rng.randrange(256) for _ in range(64)), os.urandom(5000), good[:-3], good[:1],
+              b"\xc1", b"\xdd\xff\xff\xff\xff",  # a never-used byte; an array claiming 4 G items
+              msgpack.packb({"version": 1}), msgpack.packb("hello"), msgpack.packb(None),
+              msgpack.packb([1]), msgpack.packb([2, 1, "x", 1]), msgpack.packb([1, 999]),
+              msgpack.packb([1, True, "x", 1]), msgpack.packb([1, 1, "only-one-field"]),
+              msgpack.packb([1, 20, "x", "executor", 1, 1, [[1, 2]], []]),
+              msgpack.packb([1, 23, [[1, 2, 3]]]), msgpack.packb([1, 24, "not a list"]),
+              msgpack.packb([1, 26, [1], [2]]), msgpack.packb([1, 10, "status", "not a dict"]),
+              msgpack.packb(_nested(500))]
+    for _ in range(20):
+        frames.append(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))))
+    return frames
+
+
+def spray(folder: Path, rng: random.Random) -> int:
+    """Send garbage to every socket in the runtime dir through DEALER, REQ and PUSH sockets, several
+    frames at a time too, and raw bytes that are not even ZMTP; returns how many sockets were hit."""
+    paths = sorted(folder.glob("*.ipc"))
+    ctx = zmq.Context()
+    try:
+        for path in paths:
+            for kind in (zmq.DEALER, zmq.REQ, zmq.PUSH):
+                sock = ctx.socket(kind)
+                sock.setsockopt(zmq.LINGER, 2000)  # let the frames go out before close
+                sock.connect(f"ipc://{path}")
+                frames = garbage_frames(rng)
+                if kind == zmq.REQ:  # a REQ must wait for a reply between sends: one multipart
+                    sock.send_multipart(frames, zmq.NOBLOCK)
+                else:
+                    for frame in frames:
+                        sock.send(frame, zmq.NOBLOCK)
+                    sock.send_multipart(frames[:3], zmq.NOBLOCK)
+                sock.close()
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+                raw.connect(str(path))
+                raw.sendall(os.urandom(4096))
+    finally:
+        ctx.term()  # waits up to LINGER for every frame to be handed over
+    return len(paths)
+
+
+def test_garbage_on_every_socket_is_dropped_and_nothing_crashes(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    record = tmp_path / "runs.txt"
+    with RunningTree(config, record) as tree:
+        before = tree.wait_ready()
+        pids = tree.child_pids()
+        enqueue(config, ["ok"] * 50)
+        hit = spray(runtime_dir(config, create=False), random.Random(1))
+        assert hit >= 3  # sup, control, leaser at least
+        enqueue(config, ["ok"] * 50)
+        wait_until(lambda: settled(config), 60, "every task acked")
+        status = tree.status()  # the control socket still answers
+        assert status is not None and tree.process.poll() is None
+        assert tree.child_pids() == pids and restarts(status) == restarts(before)
+        output = tree.output()
+        assert "dropped" in output and "Traceback" not in output, output
+    runs = records(record)
+    assert len(runs) == 100 and set(runs.values()) == {1}
+
+
+# -- payloads, byte-exact through a command ----------------------------------------------------
+
+class Sink(http.server.BaseHTTPRequestHandler):
+    posts: dict[str, bytes] = {}
+
+    def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+        Sink.posts[self.path.rsplit("/", 1)[1]] = self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def sink() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    Sink.posts = {}
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/out/"
+    server.shutdown()
+
+
+def test_empty_huge_and_binary_payloads_pass_byte_exact(tmp_path: Path, sink: str) -> None:
+    payloads = [b"", os.urandom(10 * 1024 * 1024), b"\xff\xfe\x00\x80 not utf-8 \xc3\x28",
+                "žluťoučký kůň\n\r\t".encode(), b"\x00" * 1000, b"\n"]
+    # /bin/cp INPUT_FILE OUTPUT_FILE: the output is the input, so the posted body must be the payload
+    config = write_config(tmp_path, executors={"command": ["/bin/cp"], "output_url": sink})
+    cfg = load(config)
+    with open_backend(cfg.queue.url, cfg.queue.name, cfg.base_dir) as backend:
+        ids = backend.enqueue(payloads)
+    with RunningTree(config, burst=True) as tree:
+        assert tree.wait_exit(timeout=90) == 0, tree.output()
+    assert settled(config)
+    assert sorted(Sink.posts) == sorted(ids)
+    for task_id, payload in zip(ids, payloads, strict=True):
+        assert Sink.posts[task_id] == payload, (task_id, len(payload), len(Sink.posts[task_id]))
+
+
+# -- a bad command, a bad callable ---------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["missing", "on_path_missing", "not_executable", "directory"])
+def test_unusable_command_is_one_line_and_exit_2(tmp_path: Path, case: str) -> None:
+    program = {"missing": str(tmp_path / "no-such-program"), "on_path_missing": "no-such-program-xyz",
+               "not_executable": str(tmp_path / "script.sh"), "directory": str(tmp_path)}[case]
+    (tmp_path / "script.sh").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "script.sh").chmod(0o644)
+    config = write_config(tmp_path, executors={"command": [program, "--flag"]})
+    started = time.monotonic()
+    result = supervise("run", str(config), timeout=30)
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "executors.command" in lines[0] and repr(program) in lines[0], err
+    assert ("not executable" if case == "not_executable" else "not found") in lines[0], err
+    assert time.monotonic() - started < 20  # refused at start, not after restarts
+
+
+BAD_CALLABLES = '''
+import os
+
+def _count(task):
+    with open(os.path.join(os.path.dirname(__file__), "attempts.txt"), "a") as handle:
+        handle.write(f"{task.id} {task.attempt}\\n")
+
+def wrong_type(task):
+    _count(task)
+    return {"a dict": "is not an output"} if task.payload == b"dict" else 42
+'''
+
+
+def test_callable_returning_a_wrong_type_is_retried_then_dead_lettered(tmp_path: Path) -> None:
+    (tmp_path / "bad_tasks.py").write_text(BAD_CALLABLES)
+    config = write_config(tmp_path,
+                          executors={"callable": "bad_tasks:wrong_type", "python_path": [str(tmp_path)]},
+                          retry={"max_attempts": 3, "backoff_secs": 0.01, "backoff_max_secs": 0.02})
+    enqueue(config, ["dict", "int"])
+    with RunningTree(config, burst=True) as tree:
+        assert tree.wait_exit(timeout=60) == 0, tree.output()
+    assert settled(config, dead=2)
+    attempts = (tmp_path / "attempts.txt").read_text().split()
+    assert sorted(attempts[1::2]) == ["1", "1", "2", "2", "3", "3"]  # each ran max_attempts times
+    cfg = load(config)
+    with open_backend(cfg.queue.url, cfg.queue.name, cfg.base_dir) as backend:
+        dead = {bytes(t.payload): t for t in backend.list_tasks(TaskState.DEAD)}
+    assert dead[b"dict"].last_error == "callable returned dict; expected bytes, str or None"
+    assert dead[b"int"].last_error == "callable returned int; expected bytes, str or None"
+    assert all(t.attempt == 3 and t.dead_reason for t in dead.values()), dead
