@@ -92,6 +92,7 @@ class Executor:
         self.current: tuple[str, float] | None = None  # inline callable: (receipt, deadline)
         self.stats: dict[str, Any] = {"tasks_total": 0, "failed_total": 0}
         self.reported_at = 0.0
+        self.debug = self.log.isEnabledFor(logging.DEBUG)  # per-task lines only when asked for
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -280,7 +281,10 @@ class Executor:
         self.stats["tasks_total"] += 1
         if not ok:
             self.stats["failed_total"] += 1
-            self.log.info("task %s attempt %d failed: %s", task_id, item[3], error)
+            self.log.info("task %s attempt %d failed: %s", task_id, item[3], error, extra={"task_id": task_id})
+        elif self.debug:
+            self.log.debug("task %s attempt %d ok in %.1f ms: output %r", task_id, item[3], seconds * 1000,
+                           output[:60], extra={"task_id": task_id})
 
     def flush_done(self, now: float) -> None:
         if self.outbox:

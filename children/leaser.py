@@ -59,7 +59,8 @@ class Leaser:
         self.next_lease_at = 0.0
         self.idle_wait = 0.0
         self.last_lease_at = float("-inf")
-        self.errors_in_row = 0
+        self.errors_in_row = {"lease": 0, "extend": 0}  # separate: a failing extend must not stop leasing
+        self.extend_retry_at = 0.0
         self.empty_checks = 0
         self.reaper_incarnation: int | None = None
         # Forget is only bookkeeping for the executors: send it in large, infrequent batches
@@ -121,7 +122,7 @@ class Leaser:
             wake = min(wake, self.next_lease_at)
         extension = self.ledger.next_extension_at()
         if extension is not None:
-            wake = min(wake, extension - self.lease_secs * 0.1)
+            wake = min(wake, max(extension - self.lease_secs * 0.1, self.extend_retry_at))
         if self.forget:
             wake = min(wake, self.forget_sent_at + FORGET_SECS)
         if self.ledger.to_settle:
@@ -158,7 +159,7 @@ class Leaser:
         except BackendError as exc:
             self.backend_failed("lease", exc, now)
             return None
-        self.errors_in_row = 0
+        self.errors_in_row["lease"] = 0
         now = time.monotonic()
         self.last_lease_at = now
         if not tasks:
@@ -199,13 +200,20 @@ class Leaser:
             self.log.warning("dead-lettering %d tasks failed, their leases will expire: %s", len(receipts), exc)
 
     def backend_failed(self, call: str, exc: BackendError, now: float) -> None:
+        """Back off the failed kind of call. Extensions retry within a fraction of the lease, since
+        a lease that runs out hands the task to someone else; leasing backs off up to 30 s."""
         self.stats["backend_errors_total"] += 1
-        self.errors_in_row += 1
-        delay = min(MAX_ERROR_BACKOFF_SECS, 0.1 * 2 ** min(self.errors_in_row, 10))
-        self.next_lease_at = now + delay
-        if self.errors_in_row in (1, 10) or self.errors_in_row % 100 == 0:
-            self.log.warning("backend %s failed (%d in a row), retrying in %.1fs: %s",
-                             call, self.errors_in_row, delay, exc)
+        self.errors_in_row[call] += 1
+        count = self.errors_in_row[call]
+        if call == "extend":
+            delay = min(self.lease_secs * 0.1, 0.05 * 2 ** min(count, 10))
+            self.extend_retry_at = now + delay
+        else:
+            delay = min(MAX_ERROR_BACKOFF_SECS, 0.1 * 2 ** min(count, 10))
+            self.next_lease_at = now + delay
+        if count in (1, 10) or count % 100 == 0:
+            self.log.warning("backend %s failed (%d in a row), retrying in %.2fs: %s",
+                             call, count, delay, exc)
         if not isinstance(exc, BackendUnavailable):
             self.log.error("backend %s: %s", call, exc)
 
@@ -296,7 +304,7 @@ class Leaser:
     # -- leases ------------------------------------------------------------------------------
     def extend(self, now: float) -> None:
         extension = self.ledger.next_extension_at()
-        if extension is None or extension - self.lease_secs * 0.1 > now:
+        if extension is None or extension - self.lease_secs * 0.1 > now or now < self.extend_retry_at:
             return
         due = self.ledger.due_extensions(now)
         cap = self.backend.limits.max_extend_batch
@@ -305,6 +313,7 @@ class Leaser:
             self.stats["extend_calls_total"] += 1
             try:
                 results = self.backend.extend(chunk, self.lease_secs)
+                self.errors_in_row["extend"] = 0
             except BackendError as exc:
                 self.backend_failed("extend", exc, now)
                 results = {r: Outcome.RETRY for r in chunk}

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import resource
 import shutil
@@ -182,7 +183,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="5 s idle measurement instead of 30 s")
     parser.add_argument("--kills", type=int, default=100)
     parser.add_argument("--children", type=int, default=200)
+    parser.add_argument("--verbose", action="store_true", help="show the tree's logs")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.CRITICAL)
     os.chdir(Path(__file__).resolve().parents[1])  # workers are imported as tests.integration.workers
 
     latencies = sorted(bench_restart_latency(args.kills))

@@ -103,12 +103,16 @@ def preflight(cfg: Config) -> None:
 
 def run(cfg: Config, burst: bool = False) -> int:
     """Run the tree in the foreground until it is stopped; returns the process exit code."""
-    from supervisor.tree import Tree  # the process side is loaded only to run
+    from supervisor.tree import Tree, TreeAlreadyRunning  # the process side is loaded only to run
 
     setup_logging(cfg.log.level, cfg.log.format)
+    from supervisor.control import is_listening
+
     try:
         preflight(cfg)
         folder = runtime_dir(cfg.path)
+        if is_listening(folder):
+            raise PreflightError(f"a tree is already running for {cfg.path} (runtime dir {folder})")
     except (PreflightError, RuntimeDirError) as exc:
         print(f"supervise: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -124,6 +128,9 @@ def run(cfg: Config, burst: bool = False) -> int:
                 heartbeat_timeout_secs=float(cfg.supervisor.heartbeat_timeout_secs), name="root")
     try:
         return tree.run()
+    except TreeAlreadyRunning as exc:
+        print(f"supervise: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         os.close(guard_pipe)
 

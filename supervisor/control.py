@@ -9,7 +9,7 @@ Commands (``Request(command, args)`` -> ``Reply(ok, result, error)``):
     restart_child   {supervisor?, id}         -> pid             | error: running, restarting, not_found
     delete_child    {supervisor?, id}         -> "ok"            | error: running, restarting, not_found
     status          {}                        -> {children: [...], stats: {child id: {...}}}
-    stop            {cold?: bool}             -> {"stopping": true}
+    stop            {cold?: bool}             -> {"stopping": true, "pid": root pid}
 
 ``supervisor`` is a path such as "executors" (default: the root). The tree answers while it is busy
 restarting or stopping; child-API calls that change the tree wait for the job in progress, as OTP's
@@ -72,6 +72,17 @@ def reply_for(result: Any) -> Reply:
     return Reply(True, result, "")
 
 
+def bind_private(sock: zmq.Socket, path: Path) -> None:
+    """Bind ``sock`` to ``ipc://path`` with the socket file 0600 (the runtime dir is 0700 already:
+    this is belt and braces)."""
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(f"ipc://{path}")
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+
+
 class ControlServer:
     """The root's end. ``receive()`` yields ``(identity, Request)``; malformed frames are logged
     and dropped."""
@@ -82,12 +93,7 @@ class ControlServer:
             self.path.unlink()  # a stale file from a tree that was killed (is_listening said so)
         self.socket = zctx.socket(zmq.ROUTER)
         self.socket.linger = 0
-        old_umask = os.umask(0o177)  # created 0600: the dir is 0700 already, this is belt and braces
-        try:
-            self.socket.bind(f"ipc://{self.path}")
-        finally:
-            os.umask(old_umask)
-        os.chmod(self.path, 0o600)
+        bind_private(self.socket, self.path)
 
     def receive(self) -> list[tuple[bytes, Request]]:
         out = []

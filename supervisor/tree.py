@@ -90,7 +90,7 @@ class Tree:
         try:
             if sup_path.exists():
                 sup_path.unlink()
-            sup.bind(f"ipc://{sup_path}")
+            control.bind_private(sup, sup_path)
             ctl = control.ControlServer(zctx, self.runtime_dir)
             self._runner = ProcessRunner(str(self.runtime_dir), f"ipc://{sup_path}", self.heartbeat_secs,
                                          self.heartbeat_timeout_secs, self.start_timeout_secs, guard)
@@ -230,7 +230,7 @@ class Tree:
         elif command == "status":
             self._ctl.reply(identity, control.reply_for(self.status()))
         elif command == "stop":
-            self._ctl.reply(identity, control.reply_for({"stopping": True}))
+            self._ctl.reply(identity, control.reply_for({"stopping": True, "pid": os.getpid()}))
             self._stop(cold=bool(args.get("cold", False)))
         elif command in CHILD_CALLS:
             self._call_ids += 1

@@ -24,6 +24,9 @@ Limitations (SQS has no API for them):
 - a stale receipt is not fenced: SQS keeps old receipt handles usable (moto honours them; on AWS a
   delete with an old handle "succeeds but the message might not be deleted"). Use a lease long enough
   and let the leaser extend it.
+- a standard queue delivers at least once: now and then two receives get the same message (moto's
+  threaded server does it under racing receives too). The leaser skips a task already running on its
+  host; across hosts a duplicate run is possible, as after any crash.
 - no filtering by tag: ``lease(tag=None)`` returns every task, any tag (even ``""``) is a
   BackendConfigError; tags are kept and reported, but use one queue name per tag to lease by tag.
 - ``list_tasks``, ``get`` and ``delete`` see dead tasks only (reading a live message would lease it);

@@ -56,8 +56,8 @@ def queue(request: pytest.FixtureRequest) -> Iterator[Queue]:
     ok, reason = available(request.param)
     if not ok:
         require_server(request.param, reason)
-    if why := limitation(request.param, request.node.originalname):  # a documented limitation
-        request.applymarker(pytest.mark.xfail(reason=why, strict=True))
+    if expected := limitation(request.param, request.node.originalname):  # a documented limitation
+        request.applymarker(pytest.mark.xfail(**expected))
     q = Queue(request.param)
     yield q
     q.close()

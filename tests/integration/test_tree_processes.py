@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -189,9 +190,8 @@ def test_failed_restart_is_retried_until_intensity(rundir: Path, caplog) -> None
 
 @pytest.mark.timeout(30)
 def test_heartbeat_timeout_kills_a_frozen_child(rundir: Path, caplog) -> None:
-    tree = make_tree(
-        rundir, SupFlags(intensity=5), [w("frozen", "block_gil")], heartbeat_secs=0.1, heartbeat_timeout_secs=0.5
-    )
+    frozen = w("frozen", "block_gil", shutdown="brutal_kill")
+    tree = make_tree(rundir, SupFlags(intensity=5), [frozen], heartbeat_secs=0.1, heartbeat_timeout_secs=0.5)
 
     def script(rd):
         first = wait_until(lambda: pids(rd).get("frozen"), what="frozen up")
@@ -283,6 +283,8 @@ def test_sighup_is_recorded(rundir: Path) -> None:
 
     def script(rd):
         wait_until(lambda: running(rd, "a"), what="up")
+        for name in ("control.ipc", "sup.ipc"):
+            assert stat.S_IMODE(os.stat(rd / name).st_mode) == 0o600
         os.kill(os.getpid(), signal.SIGHUP)
         wait_until(lambda: tree.reload_requested, what="reload flag")
         control.call(rd, "stop")
