@@ -13,6 +13,7 @@ import logging
 import os
 import resource
 import signal
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,12 +37,15 @@ from children.tasks import (
     start_command,
 )
 from config.schema import Config
+from supervisor.instrument import observe
 from supervisor.rundir import endpoint
 from supervisor.sweep import TREE_VAR, sweep_predecessors
 
 # Exit codes the executor uses (the supervisor maps them to reasons).
 EXIT_RECYCLE = 0  # retired after max_tasks_per_child / max_memory_mb: a normal exit
 EXIT_BAD_TARGET = 78  # the command or callable cannot be loaded: restarting will not help
+EXIT_TASK_HUNG = 79  # a callable ran past its timeout and ignored TaskTimeout
+HUNG_GRACE_SECS = 5.0
 
 DONE_FLUSH_ITEMS = 256
 DONE_FLUSH_SECS = 0.001
@@ -103,8 +107,9 @@ class Executor:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.connect(endpoint(Path(self.ctx.runtime_dir), "leaser"))
-        if self.function is not None and self.slots == 1:
+        if self.function is not None and self.slots == 1 and self.timeout > 0:
             signal.signal(signal.SIGALRM, _raise_timeout)
+            threading.Thread(target=self.watch_timeouts, name="timeouts", daemon=True).start()
         self.send_hello()
         self.ctx.ready()
         poller = self.poller
@@ -223,18 +228,35 @@ class Executor:
             task = Task(item[0], item[2], item[3], item[4])
             started = time.monotonic()
             self.current = (item[1], started + self.timeout)
-            if self.timeout > 0:
-                signal.setitimer(signal.ITIMER_REAL, self.timeout)
             try:
                 ok, output, error = call_task(self.function, task)  # type: ignore[arg-type]
             finally:
-                if self.timeout > 0:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
                 self.current = None
             finished = time.monotonic()
             self.complete(item, ok, output, error, finished - started)
             if len(self.outbox) >= DONE_FLUSH_ITEMS or finished - checked > 0.005:
                 break
+
+    def watch_timeouts(self) -> None:
+        """Enforce ``timeout_secs`` on inline callables from a thread, rather than arming a timer
+        around every task (two syscalls a task): past the deadline, raise TaskTimeout in the main
+        thread; if the task swallows it and runs on past a grace, exit, so the root restarts us and
+        the leaser blames the task. A callable blocking the GIL stops this thread and the heartbeat
+        alike, and the root kills us after heartbeat_timeout_secs."""
+        main = threading.main_thread().ident
+        period = min(1.0, max(0.05, self.timeout / 4))
+        fired = None
+        while True:
+            time.sleep(period)
+            current = self.current
+            if current is None or time.monotonic() < current[1]:
+                continue
+            if fired is not current:
+                fired = current
+                signal.pthread_kill(main, signal.SIGALRM)  # type: ignore[arg-type]
+            elif time.monotonic() > current[1] + HUNG_GRACE_SECS:
+                self.log.error("task with receipt %s ignored its timeout; exiting", current[0])
+                os._exit(EXIT_TASK_HUNG)
 
     def _wake(self, _future: Future[Any]) -> None:
         try:
@@ -279,6 +301,7 @@ class Executor:
         self.outbox.append(done)
         self.done_count += 1
         self.stats["tasks_total"] += 1
+        observe(self.stats, "task_seconds", "ok" if ok else "failed", seconds)  # metrics histogram
         if not ok:
             self.stats["failed_total"] += 1
             self.log.info("task %s attempt %d failed: %s", task_id, item[3], error, extra={"task_id": task_id})

@@ -22,6 +22,7 @@ from children.ledger import Ledger, Policy
 from children.ratelimit import TokenBucket
 from children.retry import dead_reason
 from config.schema import Config
+from supervisor.instrument import instrument
 from supervisor.rundir import endpoint
 
 MIN_IDLE_SECS = 0.01  # first wait after an empty lease; doubles up to leaser.idle_poll_secs
@@ -69,6 +70,8 @@ class Leaser:
         self.reported_at = 0.0
         self.stats: dict[str, Any] = {"lease_calls_total": 0, "extend_calls_total": 0,
                                       "backend_errors_total": 0, "dead_lettered_total": 0}
+        # metrics: per-call latency, counts and errors go into the reported stats
+        self.backend = instrument(self.backend, self.stats)
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -238,7 +241,10 @@ class Leaser:
             if len(frames) != 2:
                 self.log.warning("dropped a message of %d frames", len(frames))
                 continue
-            peer = frames[0].decode(errors="replace")
+            peer = frames[0].decode(errors="backslashreplace")  # a forged identity cannot forge log lines
+            if not peer.isprintable():
+                self.log.warning("dropped a message from a peer named %r", peer)
+                continue
             try:
                 message = p.decode(frames[1])
             except p.ProtocolError as exc:

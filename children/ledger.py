@@ -110,25 +110,28 @@ class Ledger:
         """Take newly leased deliveries. Returns those that must be dead-lettered at once (attempt
         beyond max_attempts: a task that keeps killing its executors or timing out its leases)."""
         too_many: list[Leased] = []
+        self.counters["leased_total"] += len(tasks)
+        # One jittered extension time per batch: leased together, extended together.
+        deadline, next_extend = now + self.policy.lease_secs, self._next_extend(now)
+        self._lower_ext_floor(next_extend)
+        entries, by_task, held = self.entries, self.by_task, self.held
+        max_attempts = self.policy.max_attempts
         for task in tasks:
-            self.counters["leased_total"] += 1
-            current = self.by_task.get(task.task_id)
-            if current is not None and current in self.entries:
+            current = by_task.get(task.task_id)
+            if current is not None and current in entries:
                 # Our own lease ran out and we leased the task again while it still runs here: keep
                 # one copy, settle with the fresh receipt (the old one is stale now).
                 self._rebind(current, task, now)
                 self.counters["duplicates_skipped_total"] += 1
                 continue
-            if task.attempt > self.policy.max_attempts:
+            if task.attempt > max_attempts:
                 too_many.append(task)
                 continue
-            entry = Entry(task.task_id, task.receipt, task.payload, task.attempt, task.tag,
-                          leased_at=now, deadline=now + self.policy.lease_secs,
-                          next_extend=self._next_extend(now))
-            self._lower_ext_floor(entry.next_extend)
-            self.entries[task.receipt] = entry
-            self.by_task[task.task_id] = task.receipt
-            self.held.append(task.receipt)
+            receipt = task.receipt
+            entries[receipt] = Entry(task.task_id, receipt, task.payload, task.attempt, task.tag,
+                                     now, deadline, next_extend)
+            by_task[task.task_id] = receipt
+            held.append(receipt)
         return too_many
 
     def _rebind(self, old: str, task: Leased, now: float) -> None:
@@ -214,7 +217,7 @@ class Ledger:
             died = "executor died" if old.incarnation != incarnation else "executor lost it"
             for index, entry in enumerate(lost):
                 if index < max(1, old.slots):
-                    self._finish(entry, False, f"{died} while running it ({name}, pid {old.incarnation})", 0.0)
+                    self._finish(entry, False, f"{died} while running it ({name}, pid {old.incarnation})")
                 else:
                     self._drop(entry)
                     never_started.append(entry.receipt)
@@ -245,12 +248,15 @@ class Ledger:
         hold them (lease lost, or already settled)."""
         peer = self.peers.get(name)
         forget: list[str] = []
+        running = peer.running if peer is not None else set()
+        aliases, entries = self.aliases, self.entries
+        total = 0.0
         for task_id, receipt, ok, error, attempt, seconds in items:
-            current = self.aliases.get(receipt, receipt)
-            entry = self.entries.get(current)
-            if peer is not None:
-                peer.running.discard(receipt)
-                peer.running.discard(current)
+            current = aliases.get(receipt, receipt) if aliases else receipt
+            entry = entries.get(current)
+            running.discard(receipt)
+            if current is not receipt:
+                running.discard(current)
             if entry is None:
                 if self.by_task.get(task_id) is None and peer is not None and adopting:
                     # Adopted after our restart: we never saw this lease, settle it as reported.
@@ -263,16 +269,21 @@ class Ledger:
                     continue
             if entry.state == FINISHED:
                 continue
-            self._finish(entry, bool(ok), error, float(seconds))
+            self._finish(entry, bool(ok), error)
+            total += seconds
+        if items and total > 0:
+            self._observe(total / len(items))
         return forget
 
-    def _finish(self, entry: Entry, ok: bool, error: str, seconds: float) -> None:
+    def _finish(self, entry: Entry, ok: bool, error: str) -> None:
         entry.state, entry.ok, entry.error = FINISHED, ok, error
         self.finished_count += 1
         self.counters["succeeded_total" if ok else "failed_total"] += 1
-        if seconds > 0:
-            self.task_secs = seconds if self.task_secs == 0 else 0.9 * self.task_secs + 0.1 * seconds
         self.to_settle.append(entry.receipt)
+
+    def _observe(self, seconds: float) -> None:
+        """Fold a batch's mean run time into the moving average that sizes dispatch runs."""
+        self.task_secs = seconds if self.task_secs == 0 else 0.8 * self.task_secs + 0.2 * seconds
 
     def executor_gone(self, name: str) -> None:
         """The executor will not come back (pool shrank): fail what it held."""
@@ -282,7 +293,7 @@ class Ledger:
         for receipt in list(peer.running):
             entry = self.entries.get(self.aliases.get(receipt, receipt))
             if entry is not None and entry.state == RUNNING:
-                self._finish(entry, False, f"executor {name} stopped", 0.0)
+                self._finish(entry, False, f"executor {name} stopped")
 
     # -- settling ----------------------------------------------------------------------------
     def take_settles(self, now: float, reaper_restarted: bool = False) -> list[list[Any]]:
@@ -291,13 +302,14 @@ class Ledger:
         restart."""
         items: list[list[Any]] = []
         fresh, self.to_settle = self.to_settle, []
+        entries = self.entries
         for receipt in fresh:
-            entry = self.entries.get(receipt)
+            entry = entries.get(receipt)
             if entry is not None and entry.settle_sent_at is None:
                 entry.settle_sent_at = now
-                items.append(self._settle_item(entry))
-                if self.settle_floor is None:
-                    self.settle_floor = now
+                items.append([entry.task_id, receipt, entry.ok, entry.error, entry.attempt])
+        if items and self.settle_floor is None:
+            self.settle_floor = now
         cutoff = now - self.policy.resend_secs
         if reaper_restarted or (self.settle_floor is not None and self.settle_floor <= cutoff):
             self.settle_floor = None
@@ -318,17 +330,24 @@ class Ledger:
     def on_settled(self, receipts: list[str], outcomes: list[str]) -> dict[str, list[str]]:
         """The reaper settled these. Returns, per executor, the receipts it may forget."""
         forget: dict[str, list[str]] = {}
+        entries, by_task = self.entries, self.by_task
+        settled = lost = finished = 0
         for receipt, outcome in zip(receipts, outcomes, strict=False):
-            entry = self._remove(receipt)
+            entry = entries.pop(receipt, None)
             if entry is None:
                 continue
-            self.counters["settled_total"] += 1
+            settled += 1
+            if entry.state == FINISHED:
+                finished += 1
             if outcome == "lost":
-                self.counters["lost_total"] += 1
-            if self.by_task.get(entry.task_id) == receipt:
-                del self.by_task[entry.task_id]
+                lost += 1
+            if by_task.get(entry.task_id) == receipt:
+                del by_task[entry.task_id]
             if entry.peer:
                 forget.setdefault(entry.peer, []).append(receipt)
+        self.finished_count -= finished
+        self.counters["settled_total"] += settled
+        self.counters["lost_total"] += lost
         if not self.entries:
             self.aliases.clear()
         elif len(self.aliases) > 4 * len(self.entries) + 1024:

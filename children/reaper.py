@@ -23,6 +23,7 @@ from children.batcher import Batcher
 from children.ratelimit import TokenBucket
 from children.retry import ACK, DEAD, RELEASE, backoff_delay, dead_reason, settle_action
 from config.schema import Config
+from supervisor.instrument import instrument
 from supervisor.rundir import endpoint
 
 PING_SECS = 1.0
@@ -49,6 +50,8 @@ class Reaper:
         self.stats: dict[str, Any] = {"acked_total": 0, "released_total": 0, "dead_total": 0,
                                       "lost_total": 0, "backend_calls_total": 0,
                                       "backend_errors_total": 0}
+        # metrics: per-call latency, counts and errors go into the reported stats
+        self.backend = instrument(self.backend, self.stats)
 
     def run(self) -> int:
         zctx = zmq.Context()

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from children.backends import SCHEMES
+from children.backends import SCHEMES, redact_url
 from config.errors import ConfigError
 from config.render import toml_key, toml_value
 from config.schema import CHILD_SECTIONS, KEYS, SECTION_CLASSES, SECTIONS, SHUTDOWN_WORDS, Config, Key
@@ -61,7 +61,10 @@ def validate(raw: Mapping[str, Any], path: Path) -> Config:
                 values[section][name] = _CHECKS[key.kind](key, table[name])
             except _Bad as bad:
                 reason = str(bad) or f"must be {key.allowed()}"
-                errors.append(f"{key.path} = {toml_value(table[name])}: {reason}")
+                shown = table[name]
+                if key.kind == "queue_url" and isinstance(shown, str):
+                    shown = redact_url(shown)  # a password never reaches a terminal or a log
+                errors.append(f"{key.path} = {toml_value(shown)}: {reason}")
                 values[section][name] = key.default
                 invalid.add(key.path)
 
@@ -199,7 +202,7 @@ def _queue_url(key: Key, v: Any) -> str:
         raise _Bad()
     scheme = v.split("://", 1)[0].lower() if "://" in v else ""
     if scheme not in SCHEMES:
-        allowed = ", ".join(sorted({s + "://" for s in SCHEMES}))
+        allowed = ", ".join(sorted({s + "://" for s in SCHEMES if "+" not in s}))
         raise _Bad(f"unknown scheme; allowed: {allowed}")
     if scheme == "sqlite":
         # The same shapes children/backends/sqlite.py accepts, so `check` catches what it would refuse.

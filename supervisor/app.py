@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any
 
-from children.backends import BackendError, open_backend, redact_url
+from children.backends import SCHEMES, BackendError, open_backend, redact_url, scheme_of
 from config.schema import Config
 from supervisor.exits import EXIT_GAVE_UP, EXIT_OK, EXIT_USAGE
 from supervisor.logconfig import setup_logging
@@ -101,14 +101,42 @@ def preflight(cfg: Config) -> None:
             raise PreflightError(f"executors.command = {list(ex.command)!r}: {program!r} is not executable")
 
 
+def preload(cfg: Config) -> None:
+    """Import the children and the backend's module now, in the root."""
+    for module in ("children.leaser", "children.executor", "children.reaper", "supervisor.tree"):
+        importlib.import_module(module)
+    scheme = scheme_of(cfg.queue.url).split("+")[-1]
+    if scheme in SCHEMES:
+        try:
+            importlib.import_module(SCHEMES[scheme][0])
+        except ImportError:
+            pass  # preflight reports a missing driver in one line
+
+
 def run(cfg: Config, burst: bool = False) -> int:
     """Run the tree in the foreground until it is stopped; returns the process exit code."""
     from supervisor.tree import Tree, TreeAlreadyRunning  # the process side is loaded only to run
 
     setup_logging(cfg.log.level, cfg.log.format)
     from supervisor.control import is_listening
+    from supervisor.privileges import PrivilegeError, drop_privileges
 
     try:
+        # Load every module the tree will use while we can still read anything (the children are
+        # forked from this process), then drop: the database, the runtime dir (its path depends on
+        # the uid) and every child belong to the configured user, and no task ever runs as root.
+        preload(cfg)
+        drop_privileges(cfg.supervisor.user, cfg.supervisor.group)
+    except PrivilegeError as exc:
+        print(f"supervise: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from supervisor.metrics import MetricsError, QueueProbe, check_available
+    from supervisor.notify import Notifier
+    from supervisor.reload import ConfigReloader
+
+    try:
+        if cfg.metrics.listen and check_available():
+            raise PreflightError(f"metrics.listen = {cfg.metrics.listen!r}: {check_available()}")
         preflight(cfg)
         folder = runtime_dir(cfg.path)
         if is_listening(folder):
@@ -124,11 +152,14 @@ def run(cfg: Config, burst: bool = False) -> int:
     guard_pipe = start_guard(token)
     log.info("starting: queue %s (%s), %d executors, runtime dir %s", redact_url(cfg.queue.url),
              cfg.queue.name, executor_count(cfg), folder)
+    probe = QueueProbe(cfg.queue.url, cfg.queue.name, cfg.base_dir) if cfg.metrics.listen else None
     tree = Tree(flags, children, runtime_dir=folder, heartbeat_secs=float(cfg.supervisor.heartbeat_secs),
-                heartbeat_timeout_secs=float(cfg.supervisor.heartbeat_timeout_secs), name="root")
+                heartbeat_timeout_secs=float(cfg.supervisor.heartbeat_timeout_secs), name="root",
+                notifier=Notifier.from_env(), reloader=ConfigReloader(cfg, burst),
+                metrics_listen=cfg.metrics.listen, queue_probe=probe)
     try:
         return tree.run()
-    except TreeAlreadyRunning as exc:
+    except (TreeAlreadyRunning, MetricsError) as exc:
         print(f"supervise: {exc}", file=sys.stderr)
         return EXIT_USAGE
     finally:
@@ -137,6 +168,12 @@ def run(cfg: Config, burst: bool = False) -> int:
 
 def _call(cfg: Config, command: str, args: dict[str, Any], timeout: float = 5.0) -> Any:
     from supervisor import control
+    from supervisor.privileges import PrivilegeError, drop_privileges
+
+    try:
+        drop_privileges(cfg.supervisor.user, cfg.supervisor.group)  # to find that user's runtime dir
+    except PrivilegeError as exc:
+        raise control.ControlError(str(exc)) from None
 
     return control.call(runtime_dir(cfg.path), command, args, timeout)
 
@@ -176,7 +213,39 @@ def format_status(result: dict[str, Any]) -> str:
     rates = result.get("rates", {})
     if rates:
         lines.append("rates: " + ", ".join(f"{k} {v:.1f}/s" for k, v in sorted(rates.items())))
+    last = (result.get("reload") or {}).get("last")
+    if last:
+        generation = result["reload"].get("generation", 0)
+        state = "running" if result["reload"].get("running") else ("failed" if not last.get("ok") else
+                                                                    "done")
+        detail = last.get("error") or "; ".join(last.get("problems") or []) or \
+            ", ".join(last.get("changed") or []) or "no change"
+        lines.append(f"reload: generation {generation} {state}: {detail}")
     return "\n".join(lines)
+
+
+def reload(cfg: Config) -> int:
+    """Ask the running tree to re-read its config. Exit 2 (and the reason on stderr) when it
+    refused the new config, which leaves the running one in place."""
+    from supervisor.control import ControlError, NoTreeRunning
+
+    try:
+        result = _call(cfg, "reload", {}, timeout=30.0)
+    except NoTreeRunning as exc:
+        print(f"supervise: {exc}", file=sys.stderr)
+        return EXIT_GAVE_UP
+    except ControlError as exc:
+        print(f"supervise: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if isinstance(result, dict) and result.get("queued"):
+        print("reload queued behind the one in progress")
+    elif isinstance(result, dict) and not result.get("changed"):
+        print(f"reloaded (generation {result.get('generation')}): no change")
+    elif isinstance(result, dict):
+        print(f"reloading (generation {result.get('generation')}): changed {', '.join(result['changed'])}; "
+              f"restarting {', '.join(result.get('restarting') or []) or 'none'} one at a time; "
+              f"executors {result.get('executors')}")
+    return EXIT_OK
 
 
 def _duration(secs: Any) -> str:

@@ -39,7 +39,7 @@ from supervisor.exits import EXIT_GAVE_UP, EXIT_OK, EXIT_USAGE
 from supervisor.rundir import RuntimeDirError
 
 PROG = "supervise"
-COMMANDS = ("run", "status", "stop", "check", "enqueue", "queue")
+COMMANDS = ("run", "status", "top", "reload", "stop", "check", "enqueue", "queue")
 
 
 class UsageError(Exception):
@@ -137,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 0 once the queue is empty and all work is settled (as RQ's --burst)")
     p = command("status", "show the running tree: children, pids, restarts, task counters", _status)
     p.add_argument("--json", action="store_true", help="print JSON")
+    p = command("top", "a live view of the running tree: children (pid, state, restarts, uptime, CPU, "
+                       "RSS) and the pipeline (counters, tasks/s, queue depth)", _top,
+                "Refreshes in place until Ctrl-C; --once prints one frame and exits.")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.add_argument("--interval", type=_interval, default=1.0, metavar="SECS",
+                   help="seconds between frames (default 1)")
+    command("reload", "re-read CONFIG in the running tree and apply it by rolling restarts (as SIGHUP)",
+            _reload, "A bad or unappliable config is refused (exit 2) and the running one stays.")
     p = command("stop", "stop the running tree: drain (warm) or at once (--cold)", _stop)
     p.add_argument("--cold", action="store_true", help="stop at once; leased tasks return to the queue")
     command("check", "validate CONFIG and print the effective config (defaults filled in, "
@@ -205,6 +213,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _interval(text: str) -> float:
+    value = _seconds(text)
+    if value < 0.1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 0.1 seconds")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -229,6 +244,20 @@ def _status(args: argparse.Namespace) -> int:
     from supervisor import app
 
     return app.status(cfg, args.json)
+
+
+def _top(args: argparse.Namespace) -> int:
+    cfg = config.load(args.config)
+    from supervisor import top
+
+    return top.main(cfg, once=args.once, interval=args.interval)
+
+
+def _reload(args: argparse.Namespace) -> int:
+    cfg = config.load(args.config)  # a config that does not even validate is refused right here
+    from supervisor import app
+
+    return app.reload(cfg)
 
 
 def _stop(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ import zmq
 
 from children.protocol import ProtocolError, Reply, Request, decode, encode
 
-log = logging.getLogger("supervisor.control")
+log = logging.getLogger("root")  # runs in the root: its place in the tree
 
 SOCKET_NAME = "control.ipc"
 

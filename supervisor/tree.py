@@ -5,7 +5,12 @@ One ``zmq.Poller`` watches everything: the supervision ROUTER (Ready, Heartbeat)
 ROUTER, the signal wake-up pipe and one pidfd per worker -- so an exit is seen the moment it happens
 and an idle tree sleeps in ``poll`` until the next timer (no polling loop). Signal handlers only
 record; the loop acts: SIGTERM/SIGINT take the same path as the ``stop`` command (the first warm,
-a second cold), SIGHUP sets ``reload_requested``.
+a second cold), SIGHUP the same path as the ``reload`` command (``supervisor/reload.py``).
+
+Operating hooks, all optional: a ``Notifier`` (systemd READY/STOPPING/WATCHDOG from this loop), a
+reloader (``ConfigReloader``: its plan is carried out here, one child-API call at a time), and a
+metrics listen address (``supervisor/metrics.py``: the loop publishes a snapshot, the HTTP threads
+read it). The loop also samples the task counters for ``rates`` (``supervisor/rates.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import logging
 import math
 import os
 import signal
+from collections import deque
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +31,13 @@ from supervisor import control, events
 from supervisor.clock import Clock, SystemClock
 from supervisor.core import READ_ONLY, TreeCore
 from supervisor.events import Call, Finished, StartFailed, StartWorker, Stop, TerminateWorker
+from supervisor.notify import Notifier
+from supervisor.rates import Rates
 from supervisor.reasons import abnormal
 from supervisor.runner import GroupGuard, ProcessRunner
 from supervisor.spec import ChildSpec, SupervisorStart, SupFlags
 
-log = logging.getLogger("supervisor.tree")
+log = logging.getLogger("root")  # its place in the tree
 
 SUP_SOCKET = "sup.ipc"
 CHILD_CALLS = ("start_child", "terminate_child", "restart_child", "delete_child")
@@ -49,7 +58,9 @@ class Tree:
     def __init__(self, flags: SupFlags, children: list[ChildSpec] | tuple[ChildSpec, ...],
                  runtime_dir: Path | str, heartbeat_secs: float = 1.0,
                  heartbeat_timeout_secs: float = 10.0, name: str = "root",
-                 start_timeout_secs: float = 60.0, clock: Clock | None = None) -> None:
+                 start_timeout_secs: float = 60.0, clock: Clock | None = None,
+                 notifier: Notifier | None = None, reloader: Any = None, metrics_listen: str = "",
+                 queue_probe: Callable[[], Any] | None = None) -> None:
         SupervisorStart(flags, tuple(children))  # validate now, in the caller's process
         self.flags = flags
         self.children = tuple(children)
@@ -66,6 +77,20 @@ class Tree:
         self._stop_requests = 0
         self._calls: dict[int, bytes] = {}  # call id -> control client identity
         self._call_ids = 0
+        self.notifier = notifier or Notifier()
+        self.reloader = reloader
+        self.metrics_listen = metrics_listen
+        self.queue_probe = queue_probe
+        self.rates = Rates()
+        self._published: dict[str, Any] = {}  # the metrics threads read this reference only
+        self._told = ""  # the last root status told to systemd
+        self._status_told_at = float("-inf")
+        self._internal: set[int] = set()  # call ids of the tree's own calls (reload)
+        self._reload_job: Generator[Any, Any, list[str]] | None = None
+        self._reload_replies: deque[Any] = deque()
+        self._reload_waiting = False
+        self._reload_pending = ""  # a reload asked for while one runs: its origin
+        self._reload_state: dict[str, Any] = {"generation": 0, "running": False, "last": None}
 
     # -- public ------------------------------------------------------------------------------------
     def latest_stats(self) -> dict[str, dict[str, Any]]:
@@ -87,7 +112,14 @@ class Tree:
         sup = zctx.socket(zmq.ROUTER)
         sup.linger = 0
         ctl: control.ControlServer | None = None
+        metrics = None
         try:
+            if self.metrics_listen:  # after the guard's fork: it must not inherit the thread
+                from supervisor.metrics import MetricsServer, TreeCollector
+
+                metrics = MetricsServer(self.metrics_listen, TreeCollector(lambda: self._published,
+                                                                           self.queue_probe))
+                metrics.start()
             if sup_path.exists():
                 sup_path.unlink()
             control.bind_private(sup, sup_path)
@@ -99,6 +131,9 @@ class Tree:
         finally:
             if self._runner is not None:
                 self._runner.kill_all()
+            if metrics is not None:
+                metrics.close()
+            self.notifier.close()
             guard.close()
             signal.set_wakeup_fd(old_wakeup)
             for signum, handler in old_handlers.items():
@@ -124,6 +159,9 @@ class Tree:
         runner = self._runner
         while self.core.finished is None:
             deadline = runner.next_deadline()
+            watchdog = self.notifier.watchdog_deadline(self.clock.monotonic())
+            if watchdog is not None:
+                deadline = watchdog if deadline is None else min(deadline, watchdog)
             timeout = None
             if deadline is not None:
                 timeout = max(0, math.ceil((deadline - self.clock.monotonic()) * 1000))
@@ -148,7 +186,44 @@ class Tree:
                 if event is not None:
                     self._feed(event)
             runner.on_timers(self.clock.monotonic())
+            self._pump_reload()
+            self._operate(self.clock.monotonic())
+        self._operate(self.clock.monotonic())
         return self.core.finished.exit_code
+
+    def _operate(self, now: float) -> None:
+        """Once per loop turn: rates, the metrics snapshot, systemd."""
+        if self.rates.due(now):
+            self.rates.sample(now, self._rate_counters())
+            if self.metrics_listen:
+                self._published = self.status()
+        self.notifier.on_timer(now)
+        if not self.notifier.enabled:
+            return
+        state = self.core.root.status if self.core.finished is None else "dead"
+        if state == "running" and self._told != "running":
+            self.notifier.ready(self._status_line())
+            self._status_told_at = now
+        elif state in ("stopping", "dead") and self._told not in ("stopping", "dead"):
+            self.notifier.stopping("stopping")
+        elif state == "running" and now - self._status_told_at >= 5.0:
+            self.notifier.status(self._status_line())
+            self._status_told_at = now
+        self._told = state
+
+    def _rate_counters(self) -> dict[str, float]:
+        stats = self.latest_stats()
+        leaser, reaper = stats.get("leaser", {}), stats.get("reaper", {})
+        return {"tasks": leaser.get("succeeded_total", 0) + leaser.get("failed_total", 0),
+                "failed": leaser.get("failed_total", 0), "acked": reaper.get("acked_total", 0)}
+
+    def _status_line(self) -> str:
+        rows = self.core.status(self.clock.monotonic()) if self.core else []
+        up = sum(1 for r in rows if r["type"] == "worker" and r["state"] == "running")
+        workers = sum(1 for r in rows if r["type"] == "worker")
+        rates = self.rates.rates()
+        return (f"{up}/{workers} workers up; {rates.get('tasks_10s', 0.0):.1f} tasks/s (10s), "
+                f"{rates.get('tasks_60s', 0.0):.1f} tasks/s (1min)")
 
     def _feed(self, event: Any) -> None:
         self._apply(self.core.handle(event, self.clock.monotonic()))
@@ -167,6 +242,10 @@ class Tree:
             elif isinstance(action, TerminateWorker):
                 self._runner.terminate(action.ref, action.shutdown, now)
             elif isinstance(action, events.Reply):
+                if action.call_id in self._internal:
+                    self._internal.discard(action.call_id)
+                    self._reload_replies.append(action.result)
+                    continue
                 identity = self._calls.pop(action.call_id, None)
                 if identity is not None:
                     self._ctl.reply(identity, control.reply_for(action.result))
@@ -207,6 +286,7 @@ class Tree:
             if signum == signal.SIGHUP:
                 log.info("SIGHUP: reload requested")
                 self.reload_requested = True
+                self._reload("SIGHUP")
             else:
                 log.info("%s: stop requested", signal.Signals(signum).name)
                 self._stop(cold=False)
@@ -214,6 +294,9 @@ class Tree:
     def _stop(self, cold: bool) -> None:
         """The first request is a warm stop; a second one (or ``cold``) makes it cold."""
         self._stop_requests += 1
+        if self._stop_requests == 1:
+            self.notifier.stopping("stopping (cold)" if cold else "stopping: draining")
+            self._told = "stopping"
         if self._stop_requests == 1 and not cold:
             self._feed(Stop())
             return
@@ -232,6 +315,8 @@ class Tree:
         elif command == "stop":
             self._ctl.reply(identity, control.reply_for({"stopping": True, "pid": os.getpid()}))
             self._stop(cold=bool(args.get("cold", False)))
+        elif command == "reload":
+            self._ctl.reply(identity, control.reply_for(self._reload("reload command")))
         elif command in CHILD_CALLS:
             self._call_ids += 1
             self._calls[self._call_ids] = identity
@@ -240,6 +325,76 @@ class Tree:
             self._ctl.reply(identity, Reply(False, None, f"unknown command {command!r}"))
 
     def status(self) -> dict[str, Any]:
-        """{children: one row per child of every supervisor, stats: latest_stats()}."""
+        """{children: one row per child of every supervisor, stats: latest_stats(), rates: tasks/s
+        over 10 s and 60 s, reload: {generation, running, last}, pid: the root's}."""
         return {"children": self.core.status(self.clock.monotonic()) if self.core else [],
-                "stats": self.latest_stats()}
+                "stats": self.latest_stats(), "rates": self.rates.rates(),
+                "reload": dict(self._reload_state), "pid": os.getpid()}
+
+    # -- reload: the reloader plans, the loop carries it out one child-API call at a time ------------
+    def _reload(self, origin: str) -> Any:
+        """Start a reload; the answer for ``supervise reload`` (an ("error", line) when refused)."""
+        from supervisor.reload import ReloadRefused, replace_specs, rollout
+
+        if self.reloader is None:
+            return ("error", "this tree was started without a config to reload")
+        if self._stop_requests or self.core.root.status != "running":
+            log.warning("reload (%s) refused: the tree is %s", origin,
+                        "stopping" if self._stop_requests else self.core.root.status)
+            return ("error", f"the tree is {self.core.root.status}, not running: reload refused")
+        if self._reload_job is not None:
+            self._reload_pending = origin
+            log.info("reload (%s): queued behind the one in progress", origin)
+            return {"queued": True, "generation": self._reload_state["generation"]}
+        try:
+            plan = self.reloader.prepare()
+        except ReloadRefused as exc:
+            log.error("reload (%s) refused, the running config stays: %s", origin, exc)
+            self._reload_state["last"] = {"ok": False, "error": str(exc)}
+            return ("error", f"reload refused, the running config stays: {exc}")
+        log.info("reload (%s): %s", origin, plan.describe())
+        replace_specs(self.core, plan)
+        self.reloader.commit(plan)
+        generation = self._reload_state["generation"] + 1
+        self._reload_state.update(generation=generation, running=True,
+                                  last={"ok": True, "changed": list(plan.changed), "done": False})
+        self.notifier.reloading(f"reloading: {plan.describe()}")
+        self._reload_job = rollout(self.core, plan)
+        self._reload_waiting = False
+        self._pump_reload()
+        return {"generation": generation, "changed": list(plan.changed),
+                "restarting": sorted(plan.restart), "executors": plan.count}
+
+    def _pump_reload(self) -> None:
+        """Advance the reload: send its next call once the previous one was answered."""
+        while self._reload_job is not None:
+            value = None
+            if self._reload_waiting:
+                if not self._reload_replies:
+                    return
+                value = self._reload_replies.popleft()
+            try:
+                command, args, supervisor = self._reload_job.send(value)
+            except StopIteration as done:
+                self._reload_done(done.value or [])
+                continue
+            self._reload_waiting = True
+            self._call_ids += 1
+            self._internal.add(self._call_ids)
+            self._feed(Call(self._call_ids, command, args, supervisor))
+
+    def _reload_done(self, problems: list[str]) -> None:
+        self._reload_job = None
+        self._reload_waiting = False
+        last = dict(self._reload_state["last"] or {}, done=True, problems=problems)
+        self._reload_state.update(running=False, last=last)
+        if problems:
+            log.error("reload %d finished with problems: %s", self._reload_state["generation"],
+                      "; ".join(problems))
+        else:
+            log.info("reload %d done", self._reload_state["generation"])
+        if self.core.finished is None and self.core.root.status == "running":
+            self.notifier.ready(self._status_line())
+        if self._reload_pending:
+            origin, self._reload_pending = self._reload_pending, ""
+            self._reload(origin)

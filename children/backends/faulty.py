@@ -17,7 +17,8 @@ A rule picks calls of one method (``*`` = every data-path method: lease, extend,
 dead_letter) either with a probability or on its Nth call (1-based, counted per method). The first
 rule that fires wins. Every method draws from its own RNG seeded with ``(plan.seed, method)``, so the
 faults a method sees depend only on the seed and how many times that method was called, not on the
-interleaving with other methods: a test run is repeatable.
+interleaving with other methods: a test run is repeatable. Every process that opens the same URL
+(leaser, reaper, the CLI) draws the same sequence, and a restarted process starts it again.
 
 URL form, so a tree can run on it from its config (``open_backend`` strips ``faulty+``)::
 
@@ -39,6 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from children.backends.base import (
     Backend,
@@ -146,6 +148,7 @@ def split_url(url: str) -> tuple[str, Plan]:
     seed, delay = 0, DEFAULT_DELAY_SECS
     for pair in filter(None, query.split("&")):
         key, _, value = pair.partition("=")
+        value = unquote(value)  # "ack%3A0.3" is "ack:0.3"
         try:
             if key in KINDS:
                 kinds[key] = ",".join(filter(None, (kinds.get(key, ""), value)))

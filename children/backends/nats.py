@@ -11,8 +11,8 @@ Layout for queue ``<name>`` (letters, digits, ``_`` and ``-``): four streams.
   deliveries in a header: attempt = that base + the consumer's ``num_delivered``.
 - ``LT_<name>_DEAD`` (``leasetree.<name>.dead.<tag>.<id>``): dead letters, reason, attempts and
   last error in headers.
-- ``LT_<name>_FENCE`` (``leasetree.<name>.fence.<seq>``, one message per subject): the delivery
-  count of every task delivered more than once, and the error of an immediate release.
+- ``LT_<name>_FENCE`` (``leasetree.<name>.fence.<seq>``, one message per subject): each leased
+  task's current delivery and delivery count, from its first delivery until it is settled.
 
 One durable pull consumer with explicit acks leases the tasks: ``lt-all`` for ``tag=None``,
 ``lt-tag-<tag>`` (filter ``...tasks.<tag>.*``) for a tag. A work-queue stream refuses overlapping
@@ -24,13 +24,13 @@ lease (or extension) is kept alive by this handle's event-loop thread, which sen
 AckWait/2 until the lease ends; if the process dies the task is back after at most AckWait. A
 shorter lease lasts AckWait. Give every host of a queue the same ``[leaser] lease_secs``.
 
-Receipts are the ``$JS.ACK...`` reply subjects; they carry the delivery count. The server accepts an
-ack from an old delivery (nats-server#4786), so the backend fences: ``lease()`` writes the count of
-each redelivery to the fence stream, and a settling call first asks the consumer whether any pending
-task was redelivered (one request per call); only then it reads the fence records, and a receipt
-whose count differs is LOST. Every settling call also checks that the task still exists. Check and
-settlement are separate requests: a redelivery landing between them (milliseconds) is not fenced.
-Acks, naks and ``+WPI`` are sent as requests, so the server has them when the call returns.
+Receipts are the ``$JS.ACK...`` reply subjects; they carry the consumer sequence of the delivery.
+The server accepts an ack from an old delivery (nats-server#4786), so the backend fences: ``lease()``
+writes each task's current delivery (and its count) to the fence stream before returning it, and
+every settling call first reads the records of its receipts (pipelined direct gets): a receipt that
+is not the current delivery is LOST, as is one whose task was settled or deleted (its record is
+gone). Check and settlement are separate requests: a redelivery landing between them (milliseconds)
+is not fenced. Acks, naks and ``+WPI`` are sent as requests, so the server has them on return.
 
 Limitations: a leased task and one whose lease expired both show as LEASED (JetStream keeps no
 per-message state we can read). ``wait_for_work`` wakes on tasks enqueued or released through this
@@ -92,7 +92,7 @@ class _Receipt:
     """A parsed ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>``
     (or the v2 form with domain and account hash in front)."""
 
-    __slots__ = ("text", "stream", "consumer", "delivered", "seq")
+    __slots__ = ("text", "stream", "consumer", "delivered", "seq", "delivery", "count")
 
     def __init__(self, text: str) -> None:
         tokens = text.split(".")
@@ -101,7 +101,9 @@ class _Receipt:
         if len(tokens) < 9 or tokens[:2] != ["$JS", "ACK"]:
             raise ValueError(text)
         self.text, self.stream, self.consumer = text, tokens[2], tokens[3]
-        self.delivered, self.seq = int(tokens[4]), int(tokens[5])
+        # delivered counts this task's deliveries; delivery (the consumer sequence) names this one
+        self.delivered, self.seq, self.delivery = int(tokens[4]), int(tokens[5]), int(tokens[6])
+        self.count = self.delivered  # the delivery count as the fence record has it (see _deliveries)
 
 
 class NatsBackend(NatsAdmin, Backend):
@@ -126,7 +128,6 @@ class NatsBackend(NatsAdmin, Backend):
         self._name, self._subject = name, f"leasetree.{name}"
         self._streams = {kind: f"LT_{name}_{kind.upper()}" for kind in (*_KINDS, "fence")}
         self._ack_waits: dict[str, float] = {}  # consumer -> its AckWait
-        self._inboxes: dict[str, Any] = {}  # consumer -> the subscription its pulls answer to
         self._keep: dict[str, tuple[_Receipt, float]] = {}  # receipt -> (parsed, lease end, monotonic)
         self._keeper: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
@@ -202,7 +203,7 @@ class NatsBackend(NatsAdmin, Backend):
                  StreamConfig(name=self._streams["dead"], subjects=[f"{s}.dead.*.*"]),
                  # records of tasks deleted while leased are never purged: they age out
                  StreamConfig(name=self._streams["fence"], subjects=[f"{s}.fence.*"], max_msgs_per_subject=1,
-                              max_age=2 * 86400.0)]
+                              max_age=2 * 86400.0, allow_direct=True)]
         for spec in specs:
             spec.storage = StorageType.FILE
             try:
@@ -267,12 +268,11 @@ class NatsBackend(NatsAdmin, Backend):
             msgs = await self._pull(self._streams["tasks"], consumer, n, 0.0)
             remaining = deadline - time.monotonic()
             if not msgs and remaining > 0.05:
-                # delayed tasks wait in their own stream: while there are any, wait in 1 s slices so
-                # the next turn promotes those that fell due. A lingering pull asks for ONE message:
-                # one for n would stay open after we return and deliver later tasks to nobody.
-                delayed = (await self._js.stream_info(self._streams["delay"])).state.messages
-                msgs = await self._pull(self._streams["tasks"], consumer, 1,
-                                        min(remaining, 1.0) if delayed else remaining)
+                # A lingering pull asks for ONE message (one for n would stay open after we return and
+                # deliver later tasks to nobody) and lasts at most 1 s: the next turn promotes delayed
+                # tasks that fell due, and nats-server 2.9 may leave a waiting pull unanswered when a
+                # lease expires (seen here), which a fresh no_wait pull does see.
+                msgs = await self._pull(self._streams["tasks"], consumer, 1, min(remaining, 1.0))
                 if msgs and n > 1:
                     msgs += await self._pull(self._streams["tasks"], consumer, n - 1, 0.0)
             if msgs or time.monotonic() >= deadline - 0.05:
@@ -282,9 +282,17 @@ class NatsBackend(NatsAdmin, Backend):
                 return leased
 
     async def _pull(self, stream: str, consumer: str, n: int, wait_secs: float) -> list[Any]:
-        sub = self._inboxes.get(consumer)
-        if sub is None:
-            sub = self._inboxes[consumer] = await self._nc.subscribe(self._nc.new_inbox())
+        """One pull request for up to ``n`` messages: ``no_wait`` when ``wait_secs`` is 0, else one
+        that the server holds that long. Each request has an inbox of its own, dropped afterwards, so a
+        late answer to an old request (a trailing status, or a delivery) can never be mistaken for an
+        answer to this one; a delivery that lands in a dropped inbox comes back after its AckWait."""
+        sub = await self._nc.subscribe(self._nc.new_inbox())
+        try:
+            return await self._read_pull(sub, stream, consumer, n, wait_secs)
+        finally:
+            await sub.unsubscribe()
+
+    async def _read_pull(self, sub: Any, stream: str, consumer: str, n: int, wait_secs: float) -> list[Any]:
         request: dict[str, Any] = {"batch": n}
         if wait_secs > 0:
             request["expires"] = int(wait_secs * 1e9)
@@ -293,9 +301,14 @@ class NatsBackend(NatsAdmin, Backend):
         await self._nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}", json.dumps(request).encode(),
                                reply=sub.subject)
         out: list[Any] = []
-        end = time.monotonic() + wait_secs + self._timeout
+        end = time.monotonic() + (wait_secs + 0.5 if wait_secs > 0 else self._timeout)
         while len(out) < n:
-            msg = await sub.next_msg(timeout=max(0.001, end - time.monotonic()))
+            try:
+                msg = await sub.next_msg(timeout=max(0.001, end - time.monotonic()))
+            except nats.errors.TimeoutError:
+                if wait_secs > 0:
+                    break  # the server let a waiting pull lapse without its 408: nothing came
+                raise
             status = msg.headers.get("Status") if msg.headers else None
             if status == "100":
                 continue  # idle heartbeat
@@ -307,21 +320,22 @@ class NatsBackend(NatsAdmin, Backend):
         return out
 
     async def _deliveries(self, msgs: list[Any]) -> list[Leased]:
+        receipts = [_Receipt(m.reply) for m in msgs]
+        # A fence record exists from a task's first delivery until it is settled, so one here means a
+        # redelivery: count it from the record, as nats-server 2.9 can redeliver with num_delivered
+        # unchanged (seen when a waiting pull lapses as the lease expires).
+        previous = await asyncio.gather(*(self._fence_record(r.seq) for r in receipts))
+        counts = [max(r.delivered, int(old.get("dc", 0)) + 1) if old.get("d", r.delivery) != r.delivery
+                  else r.delivered for r, old in zip(receipts, previous, strict=True)]
+        # the fence: each task's current delivery, written before anyone holds its receipt
+        await asyncio.gather(*(self._js.publish(f"{self._subject}.fence.{r.seq}", json.dumps(
+            {"d": r.delivery, "dc": dc}).encode()) for r, dc in zip(receipts, counts, strict=True)))
         out: list[Leased] = []
-        again = []
-        for msg in msgs:
-            receipt = _Receipt(msg.reply)
+        for msg, dc in zip(msgs, counts, strict=True):
             *_, token, task_id = msg.subject.split(".")
             base = int((msg.headers or {}).get("Lt-Attempts", "0"))
-            if receipt.delivered > 1:
-                again.append(receipt)
-            out.append(Leased(task_id, msg.reply, msg.data or b"", base + receipt.delivered,
-                              "" if token == _UNTAGGED else token))
-        # a redelivery records its count (the fence), carrying the error an immediate release left
-        records = await asyncio.gather(*(self._fence_record(r.seq) for r in again))
-        await asyncio.gather(*(self._js.publish(f"{self._subject}.fence.{r.seq}", json.dumps(
-            {"dc": r.delivered, "err": old.get("err", "")}).encode())
-            for r, old in zip(again, records, strict=True)))
+            tag = "" if token == _UNTAGGED else token
+            out.append(Leased(task_id, msg.reply, msg.data or b"", base + dc, tag))
         return out
 
     async def _promote_due(self) -> None:
@@ -364,7 +378,8 @@ class NatsBackend(NatsAdmin, Backend):
                 pass  # disconnected: the next turn tries again; past AckWait the server redelivers
 
     async def _current(self, receipts: Sequence[str]) -> dict[str, _Receipt | None]:
-        """Each receipt parsed if it is the task's current delivery, else None (stale or foreign)."""
+        """Each receipt parsed if it is its task's current delivery (the fence record names it),
+        else None: stale, settled, deleted or foreign."""
         parsed: dict[str, _Receipt | None] = {}
         for text in receipts:
             try:
@@ -373,23 +388,21 @@ class NatsBackend(NatsAdmin, Backend):
             except ValueError:
                 parsed[text] = None
         live = [r for r in parsed.values() if r is not None]
-        consumers = list({r.consumer for r in live})
-        infos = await asyncio.gather(*(self._js.consumer_info(self._streams["tasks"], c) for c in consumers),
-                                     return_exceptions=True)
-        redelivered = {c for c, info in zip(consumers, infos, strict=True)
-                       if isinstance(info, Exception) or info.num_redelivered}
-        check = [r for r in live if r.delivered > 1 or r.consumer in redelivered]
-        records = await asyncio.gather(*(self._fence_record(r.seq) for r in check))
-        for r, record in zip(check, records, strict=True):
-            if int(record.get("dc", 1)) != r.delivered:
+        records = await asyncio.gather(*(self._fence_record(r.seq) for r in live))
+        for r, record in zip(live, records, strict=True):
+            if record.get("d") != r.delivery:
                 parsed[r.text] = None
+            r.count = int(record.get("dc", r.delivered))
         return parsed
 
     async def _fence_record(self, seq: int) -> dict:
         try:
-            raw = await self._js.get_msg(self._streams["fence"], subject=f"{self._subject}.fence.{seq}")
-        except nats.js.errors.NotFoundError:
-            return {}
+            raw = await self._js.get_msg(self._streams["fence"], subject=f"{self._subject}.fence.{seq}",
+                                         direct=True)
+        except nats.js.errors.APIError as exc:
+            if _not_found(exc):
+                return {}
+            raise
         return json.loads(raw.data or b"{}")
 
     async def _stored(self, seq: int) -> Any | None:
@@ -407,17 +420,11 @@ class NatsBackend(NatsAdmin, Backend):
         except nats.errors.TimeoutError:
             return Outcome.RETRY
 
-    async def _live(self, receipts: Sequence[str]) -> list[tuple[str, _Receipt, Any]]:
-        """(receipt, parsed, stored message) for each receipt that is current and whose task exists."""
-        current = [(t, r) for t, r in (await self._current(receipts)).items() if r is not None]
-        stored = await asyncio.gather(*(self._stored(r.seq) for _, r in current))
-        return [(t, r, m) for (t, r), m in zip(current, stored, strict=True) if m is not None]
-
     async def _settle(self, receipts: Sequence[str], body: bytes) -> dict[str, Outcome]:
         out = {text: Outcome.LOST for text in receipts}
-        live = await self._live(list(out))
-        sent = await asyncio.gather(*(self._send(t, body) for t, _, _ in live))
-        for (text, _, _), outcome in zip(live, sent, strict=True):
+        live = [t for t, r in (await self._current(list(out))).items() if r is not None]
+        sent = await asyncio.gather(*(self._send(t, body) for t in live))
+        for text, outcome in zip(live, sent, strict=True):
             out[text] = outcome
         return out
 
@@ -441,8 +448,7 @@ class NatsBackend(NatsAdmin, Backend):
         out = await self._settle(receipts, b"+ACK")
         for text in receipts:
             self._keep.pop(text, None)
-        acked = [_Receipt(t) for t, o in out.items() if o == Outcome.OK]
-        await self._forget([r.seq for r in acked if r.delivered > 1])
+        await self._forget([_Receipt(t).seq for t, o in out.items() if o == Outcome.OK])
         return out
 
     def release(self, receipts: Sequence[str], delay_secs: float | Sequence[float] = 0.0,
@@ -454,21 +460,15 @@ class NatsBackend(NatsAdmin, Backend):
     async def _release(self, receipts: list[str], delays: list[float], errs: list[str]) -> dict[str, Outcome]:
         for text in receipts:
             self._keep.pop(text, None)
-        now_idx = [i for i, d in enumerate(delays) if d <= 0]
-        later_idx = [i for i, d in enumerate(delays) if d > 0]
-        # released now: a plain nak keeps the message; its error waits in the fence record
-        live = await self._live([receipts[i] for i in now_idx])
-        error_of = {receipts[i]: errs[i] for i in now_idx}
-        await asyncio.gather(*(self._js.publish(f"{self._subject}.fence.{r.seq}", json.dumps(
-            {"dc": r.delivered, "err": error_of[t]}).encode()) for t, r, _ in live if error_of[t]))
-        out = {receipts[i]: Outcome.LOST for i in now_idx}
-        sent = await asyncio.gather(*(self._send(t, b"-NAK") for t, _, _ in live))
-        for (text, _, _), outcome in zip(live, sent, strict=True):
-            out[text] = outcome
-        # released with a delay: moved to the delay stream, where it is DELAYED with its error
+        # released now without an error: a plain nak keeps the message. Otherwise it moves to the
+        # delay stream (due now or later), where it is DELAYED and carries its error.
+        nak = [t for t, d, e in zip(receipts, delays, errs, strict=True) if d <= 0 and not e]
+        out = await self._settle(nak, b"-NAK")
         due = time.time()
-        out.update(await self._move([receipts[i] for i in later_idx], "delay", [
-            {"Lt-Due": f"{due + delays[i]:.6f}", "Lt-Error": _one_line(errs[i])} for i in later_idx]))
+        moved = [(t, d, e) for t, d, e in zip(receipts, delays, errs, strict=True) if d > 0 or e]
+        out.update(await self._move([t for t, _, _ in moved], "delay", [
+            {"Lt-Due": f"{due + max(0.0, d):.6f}", **({"Lt-Error": _one_line(e)} if e else {})}
+            for _, d, e in moved]))
         if Outcome.OK in out.values():
             await self._nc.publish(f"{self._subject}.wake", b"")
         return out
@@ -484,19 +484,21 @@ class NatsBackend(NatsAdmin, Backend):
         ``extra`` headers, then +TERM the delivery and drop the original."""
         out = {text: Outcome.LOST for text in receipts}
         headers_of = dict(zip(receipts, extra, strict=True))
-        live = await self._live(receipts)
-        records = await asyncio.gather(*(self._fence_record(r.seq) for _, r, _ in live))
+        current = [r for r in (await self._current(receipts)).values() if r is not None]
+        stored = await asyncio.gather(*(self._stored(r.seq) for r in current))
         copies = []
-        for (text, r, msg), record in zip(live, records, strict=True):
+        for r, msg in zip(current, stored, strict=True):
+            if msg is None:
+                continue
             old = msg.headers or {}
             *_, token, task_id = msg.subject.split(".")
             headers = {"Lt-Enq": old.get("Lt-Enq", "0"),
-                       "Lt-Attempts": str(int(old.get("Lt-Attempts", "0")) + r.delivered),
-                       "Lt-Error": _one_line(record.get("err") or old.get("Lt-Error", "")),
+                       "Lt-Attempts": str(int(old.get("Lt-Attempts", "0")) + r.count),
+                       "Lt-Error": old.get("Lt-Error", ""),
                        # a retried call after a half-success must not make a second copy
-                       "Nats-Msg-Id": f"{kind}.{task_id}.{r.seq}.{r.delivered}", **headers_of[text]}
-            copies.append((text, r, self._js.publish(self._subj(kind, token, task_id), msg.data or b"",
-                                                     headers={k: v for k, v in headers.items() if v})))
+                       "Nats-Msg-Id": f"{kind}.{task_id}.{r.seq}.{r.delivery}", **headers_of[r.text]}
+            copies.append((r.text, r, self._js.publish(self._subj(kind, token, task_id), msg.data or b"",
+                                                       headers={k: v for k, v in headers.items() if v})))
         await asyncio.gather(*(c for _, _, c in copies))
         results = await asyncio.gather(*(self._send(text, b"+TERM") for text, _, _ in copies))
         for (text, _, _), outcome in zip(copies, results, strict=True):

@@ -84,13 +84,11 @@ class NatsAdmin:
         if kind == "delay":
             return TaskInfo(task_id, TaskState.DELAYED, payload, base, tag, _enqueued_at(msg),
                             float(headers.get("Lt-Due", "0")), error, "")
-        delivered = max((c.delivered.stream_seq for c in consumers if c.delivered and c.config.filter_subject
-                         in (None, f"{self._subject}.tasks.{token}.*")), default=0)
+        # a fence record exists from a task's first delivery until it is settled
         record = await self._fence_record(msg.seq)
-        leased = msg.seq <= delivered
-        return TaskInfo(task_id, TaskState.LEASED if leased else TaskState.READY, payload,
-                        base + int(record.get("dc", 1 if leased else 0)), tag, _enqueued_at(msg), None,
-                        record.get("err") or error, "")
+        state = TaskState.LEASED if record else TaskState.READY
+        attempt = base + int(record.get("dc", 0))
+        return TaskInfo(task_id, state, payload, attempt, tag, _enqueued_at(msg), None, error, "")
 
     def list_tasks(self, state: TaskState | None = None, limit: int = 100) -> list[TaskInfo]:
         return self._run(self._list(state, limit))

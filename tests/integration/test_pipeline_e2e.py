@@ -278,3 +278,20 @@ def test_a_second_tree_on_the_same_config_is_refused_with_one_line(tmp_path):
         lines = second.stderr.decode().strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("supervise: a tree is already running"), lines
         assert tree.process.poll() is None
+
+
+def test_callable_past_its_timeout_fails_with_a_timeout_error_and_the_executor_lives_on(tmp_path):
+    config = write_config(tmp_path, executors={"timeout_secs": 0.3, "count": 1}, retry={"max_attempts": 1})
+    record = tmp_path / "runs.txt"
+    enqueue(config, ["sleep:30", "ok"])
+    with RunningTree(config, record, burst=True) as tree:
+        assert tree.wait_exit(timeout=60) == 0, tree.output()
+    pids = {line.split()[2] for line in record.read_text().splitlines()}
+    assert len(pids) == 1  # the same executor ran both: the timeout did not cost a restart
+    from children.backends import TaskState, open_backend
+    from config import load
+    cfg = load(config)
+    with open_backend(cfg.queue.url, cfg.queue.name, cfg.base_dir) as backend:
+        (dead,) = backend.list_tasks(TaskState.DEAD)
+    assert "timeout" in dead.dead_reason
+    assert len(records(record)) == 2

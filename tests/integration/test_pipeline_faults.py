@@ -70,7 +70,6 @@ def test_tree_on_a_failing_backend_finishes_everything_without_restarts(tmp_path
         status = wait_until(lambda: (s := tree.status()) and s["stats"]["reaper"]["pending"] == 0 and s,
                             10, "the reaper to hold nothing")
         assert tree.child_pids() == pids and restarts(status) == restarts(before)
-        print("MEASURE", {k: v for k, v in status["stats"].items() if k in ("leaser", "reaper")})
         output = tree.output()
         for call in ("lease", "extend", "ack"):
             assert f"backend {call} failed" in output, output

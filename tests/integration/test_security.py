@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 import zmq  # imported here: a child dropped to nobody cannot read the stdlib under /root
 
+from children import protocol
 from supervisor.privileges import PrivilegeError, chown_for, drop_privileges, resolve_ids
 from supervisor.rundir import RuntimeDirError, runtime_dir
 from tests.integration.harness import RunningTree, enqueue, supervise, wait_until, write_config
@@ -84,14 +85,14 @@ def unix_connect(path: str) -> str:
     return "connected"
 
 
-def zmq_echo_reply(path: str, wait_ms: int) -> bool:
-    """Connect a DEALER to ``ipc://path``, send a frame, and say whether the echo came back."""
+def zmq_echo_reply(path: str, wait_ms: int, frame: bytes = b"hello") -> bool:
+    """Connect a DEALER to ``ipc://path``, send ``frame``, and say whether any reply came back."""
     ctx = zmq.Context()  # a fresh context in this (forked) process, never the parent's
     try:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(f"ipc://{path}")
-        sock.send(b"hello")
+        sock.send(frame)
         return bool(sock.poll(wait_ms))
     finally:
         ctx.destroy(linger=0)
@@ -185,8 +186,11 @@ def test_running_trees_sockets_are_private(tmp_path: Path) -> None:
             assert (oct(info.st_mode & 0o777), info.st_uid) == (oct(0o600), os.getuid()), path
             assert in_child(lambda p=str(path): unix_connect(p), "nobody") == "EACCES", path
             assert in_child(lambda p=str(path): unix_connect(p), "root") == "connected", path
-        # and nobody's `supervise status` gets nothing, while ours works
-        assert tree.status() is not None
+        # a valid status request over the control socket: answered for us, never for nobody
+        control = str(folder / "control.ipc")
+        request = protocol.encode(protocol.Request("status", {}))
+        assert in_child(lambda: zmq_echo_reply(control, 5000, request), "root") is True
+        assert in_child(lambda: zmq_echo_reply(control, 500, request), "nobody") is False
 
 
 # -- nothing on a socket is unpickled ---------------------------------------------------------
@@ -317,6 +321,14 @@ def test_queue_url_password_not_printed_when_the_server_is_down(tmp_path: Path) 
     assert SECRET not in log and "default:***@127.0.0.1:1" in log, log
 
 
+def test_queue_url_password_not_printed_in_a_config_error(tmp_path: Path) -> None:
+    config = write_config(tmp_path, queue={"url": f"mysql://user:{SECRET}@127.0.0.1/db"})
+    result = supervise("check", str(config))
+    output = result.stdout.decode() + result.stderr.decode()
+    assert result.returncode == 2 and "unknown scheme" in output, output
+    assert SECRET not in output, output
+
+
 # -- dropping root ---------------------------------------------------------------------------
 
 def _ids() -> dict[str, Any]:
@@ -383,3 +395,35 @@ def test_chown_for_hands_a_folder_to_the_user(open_tmp: Path) -> None:
     chown_for(folder, "", "")  # no-op
     with pytest.raises(AssertionError, match="needs root"):
         in_child(lambda: chown_for(folder, "nobody", ""), "nobody")
+
+
+def test_tree_started_as_root_with_a_user_runs_every_task_unprivileged() -> None:
+    import pwd
+    import shutil
+    import tempfile
+
+    from tests.integration.harness import RunningTree, enqueue
+
+    if os.getuid() != 0:
+        pytest.skip("needs root to drop privileges")
+    nobody = pwd.getpwnam("nobody")
+    folder = Path(tempfile.mkdtemp(prefix="leasetree-priv-", dir="/tmp"))
+    try:
+        folder.chmod(0o777)
+        uids = folder / "uids"
+        config = folder / "tree.toml"
+        config.write_text(
+            '[queue]\nurl = "sqlite:///tasks.db"\n'
+            f'[executors]\ncount = 1\ncommand = ["/bin/sh", "-c", "id -u >> {uids}", "task"]\n'
+            '[supervisor]\nuser = "nobody"\n')
+        config.chmod(0o644)
+        enqueue(config, ["a", "b"])  # as root: the database file is root's until handed over
+        os.chown(folder / "tasks.db", nobody.pw_uid, nobody.pw_gid)
+        for suffix in ("-wal", "-shm"):
+            if (folder / f"tasks.db{suffix}").exists():
+                os.chown(folder / f"tasks.db{suffix}", nobody.pw_uid, nobody.pw_gid)
+        with RunningTree(config, burst=True) as tree:
+            assert tree.wait_exit(timeout=60) == 0, tree.output()
+        assert uids.read_text().split() == [str(nobody.pw_uid)] * 2
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

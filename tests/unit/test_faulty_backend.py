@@ -222,6 +222,7 @@ def test_url_form_keeps_the_inner_query() -> None:
     assert inner == "redis://h:6379/0?socket_timeout=5&x=1"
     assert plan.rules == (Rule("ack", "fail", 0.5),)
     assert split_url("FAULTY+sqlite:///t.db")[0] == "sqlite:///t.db"
+    assert split_url("faulty+memory://?half=ack%3A0.5")[1].rules == (Rule("ack", "half", 0.5),)
 
 
 def test_url_form_sqlite_relative_to_base_dir(tmp_path) -> None:
