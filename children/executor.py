@@ -38,11 +38,11 @@ from children.tasks import (
 )
 from config.schema import Config
 from supervisor.instrument import observe
+from supervisor.reasons import EXIT_RECYCLE  # retired after max_tasks_per_child / max_memory_mb
 from supervisor.rundir import endpoint
 from supervisor.sweep import TREE_VAR, sweep_predecessors
 
 # Exit codes the executor uses (the supervisor maps them to reasons).
-EXIT_RECYCLE = 0  # retired after max_tasks_per_child / max_memory_mb: a normal exit
 EXIT_BAD_TARGET = 78  # the command or callable cannot be loaded: restarting will not help
 EXIT_TASK_HUNG = 79  # a callable ran past its timeout and ignored TaskTimeout
 HUNG_GRACE_SECS = 5.0
@@ -124,6 +124,9 @@ class Executor:
                     self.abort_all("cold shutdown")
                     self.flush_done(now)
                     return 0
+                if self.ctx.stop_requested and not self.retiring:
+                    # a rolling restart stops us while the leaser runs: hand back the queue
+                    self.retire(now, "stop requested")
                 if self.ctx.stop_requested and not self.busy():
                     self.flush_done(now)
                     return 0
@@ -135,7 +138,7 @@ class Executor:
                 self.start_work(now)
                 now = time.monotonic()
                 if self.outbox and (not self.queue or len(self.outbox) >= DONE_FLUSH_ITEMS
-                                    or now - self.outbox_since >= DONE_FLUSH_SECS):
+                                    or now - self.outbox_since >= DONE_FLUSH_SECS or self.at_limit()):
                     self.flush_done(now)
                     last_sent = now
                     self.maybe_retire(now)
@@ -183,7 +186,10 @@ class Executor:
                 self.log.warning("dropped a malformed frame from the leaser: %s", exc)
                 continue
             if isinstance(message, p.Tasks):
-                self.queue.extend(message.items)
+                if self.retiring:  # sent before the leaser heard we retire: give them back
+                    self.send(p.Return([item[1] for item in message.items]))
+                else:
+                    self.queue.extend(message.items)
             elif isinstance(message, p.Forget):
                 for receipt in message.receipts:
                     self.finished.pop(receipt, None)
@@ -196,7 +202,13 @@ class Executor:
 
     # -- running -----------------------------------------------------------------------------
     def can_start(self) -> bool:
-        return len(self.commands) + len(self.threads) < self.slots
+        running = len(self.commands) + len(self.threads)
+        if self.max_tasks and self.done_count + running >= self.max_tasks:
+            return False  # the last task before recycling is running: start nothing more
+        return running < self.slots
+
+    def at_limit(self) -> bool:
+        return bool(self.max_tasks) and self.done_count >= self.max_tasks
 
     def start_work(self, now: float) -> None:
         if self.function is not None and self.pool is None:
@@ -223,7 +235,7 @@ class Executor:
         """Run queued callable tasks in this thread, checking the socket now and then so Forget and
         Abort are not starved by a long run of tiny tasks."""
         checked = time.monotonic()
-        while self.queue and not self.ctx.stop_requested >= 2:
+        while self.queue and not self.ctx.stop_requested >= 2 and not self.at_limit():
             item = self.queue.popleft()
             task = Task(item[0], item[2], item[3], item[4])
             started = time.monotonic()
@@ -234,7 +246,7 @@ class Executor:
                 self.current = None
             finished = time.monotonic()
             self.complete(item, ok, output, error, finished - started)
-            if len(self.outbox) >= DONE_FLUSH_ITEMS or finished - checked > 0.005:
+            if len(self.outbox) >= DONE_FLUSH_ITEMS or finished - checked > 0.005 or self.at_limit():
                 break
 
     def watch_timeouts(self) -> None:
@@ -367,11 +379,17 @@ class Executor:
         over_tasks = self.max_tasks and self.done_count >= self.max_tasks
         over_memory = self.max_rss_kb and _rss_kb() >= self.max_rss_kb
         if over_tasks or over_memory:
-            self.retiring = True
-            self.retired_at = now
-            self.log.info("retiring: %s", "max_tasks_per_child reached" if over_tasks
-                          else "max_memory_mb reached")
-            self.send_hello()
+            self.retire(now, "max_tasks_per_child reached" if over_tasks else "max_memory_mb reached")
+
+    def retire(self, now: float, why: str) -> None:
+        """Take no more work: tell the leaser (slots 0) and give back what has not started."""
+        self.retiring = True
+        self.retired_at = now
+        self.log.info("retiring: %s", why)
+        unstarted, self.queue = [item[1] for item in self.queue], deque()
+        self.send_hello()  # slots 0: no more work for this incarnation
+        if unstarted:
+            self.send(p.Return(unstarted))
 
     def report(self) -> None:
         now = time.monotonic()

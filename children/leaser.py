@@ -55,7 +55,8 @@ class Leaser:
         self.backend = open_backend(cfg.queue.url, cfg.queue.name, cfg.base_dir)
         self.blocking = self.backend.limits.blocking_lease
         self.ledger = Ledger(Policy(self.lease_secs, float(lc.max_lease_secs), int(cfg.retry.max_attempts),
-                                    resend_secs=max(2.0, 20 * float(cfg.reaper.max_latency_ms) / 1000.0)))
+                                    resend_secs=max(2.0, 20 * float(cfg.reaper.max_latency_ms) / 1000.0),
+                                    max_tasks_per_child=int(cfg.executors.max_tasks_per_child)))
         self.bucket = TokenBucket(float(lc.requests_per_sec))
         self.next_lease_at = 0.0
         self.idle_wait = 0.0
@@ -78,6 +79,9 @@ class Leaser:
         zctx = zmq.Context()
         sock = self.sock = zctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a peer that is gone raises, not vanishes
+        # A restarted executor reconnects under the same identity, often before the dead one's pipe
+        # is torn down; without handover the new connection would be ignored.
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
@@ -276,6 +280,10 @@ class Leaser:
             forget = self.ledger.on_done(peer, message.items, now)
             if forget:
                 self.send(peer, p.Forget(forget))
+        elif isinstance(message, p.Return):
+            returned = self.ledger.on_return(peer, message.receipts)
+            if returned:
+                self.release_now(returned, f"{peer} retiring")
         elif isinstance(message, p.Settled):
             for executor, receipts in self.ledger.on_settled(message.receipts, message.outcomes).items():
                 self.forget.setdefault(executor, []).extend(receipts)

@@ -53,6 +53,7 @@ class Peer:
     incarnation: int
     slots: int
     retiring: bool = False
+    budget: int | None = None  # tasks it may still be given before it retires (None: no limit)
     running: set[str] = field(default_factory=set)  # receipts
 
 
@@ -62,6 +63,7 @@ class Policy:
     max_lease_secs: float
     max_attempts: int
     resend_secs: float = 2.0  # re-send a Settle the reaper has not confirmed after this long
+    max_tasks_per_child: int = 0  # an executor retires after this many: never hand it more
 
 
 class Ledger:
@@ -173,8 +175,9 @@ class Ledger:
         run = self.run_length()
         # Credit is counted in tasks: an executor may hold ``slots * run`` of them. Most free credit
         # first, so work spreads evenly and no executor idles while another has a backlog.
-        credit = {p.name: p.slots * run - len(p.running) for p in self.peers.values()
-                  if p.kind == "executor" and not p.retiring}
+        credit = {p.name: p.slots * run - len(p.running) if p.budget is None
+                  else min(p.slots * run - len(p.running), p.budget)
+                  for p in self.peers.values() if p.kind == "executor" and not p.retiring}
         for name in sorted(credit, key=lambda n: -credit[n]):
             if not self.held:
                 break
@@ -195,6 +198,8 @@ class Ledger:
                 items.append([entry.task_id, receipt, entry.payload or b"", entry.attempt, entry.tag])
                 entry.payload = None  # the executor has it now; do not keep 10 MB twice
             self.counters["dispatched_total"] += len(items)
+            if peer.budget is not None:
+                peer.budget -= len(items)
             out.append((peer.name, items))
         return out
 
@@ -210,18 +215,28 @@ class Ledger:
         old = self.peers.get(name)
         reported = {item[1] for item in running} | {item[1] for item in finished}
         never_started: list[str] = []
+        if old is not None and old.kind == "executor" and old.incarnation == incarnation:
+            # The same process again (after our Sync, or retiring): tasks we sent it may still be
+            # on the wire, so what it does not report is not lost. It keeps them all.
+            old.slots, old.retiring = slots, slots == 0
+            for item in running:
+                old.running.add(self.aliases.get(item[1], item[1]))
+            self.on_done(name, finished, now, adopting=True)
+            return never_started
         if old is not None and old.kind == "executor":
             lost = [self.entries[r] for r in (self.aliases.get(r, r) for r in old.running)
                     if r not in reported and r in self.entries]
             lost.sort(key=lambda e: e.seq)
-            died = "executor died" if old.incarnation != incarnation else "executor lost it"
+            died = "executor died"
             for index, entry in enumerate(lost):
                 if index < max(1, old.slots):
                     self._finish(entry, False, f"{died} while running it ({name}, pid {old.incarnation})")
                 else:
                     self._drop(entry)
                     never_started.append(entry.receipt)
-        peer = Peer(name, kind, incarnation, slots, retiring=(kind == "executor" and slots == 0))
+        peer = Peer(name, kind, incarnation, slots, retiring=(kind == "executor" and slots == 0),
+                    budget=(self.policy.max_tasks_per_child - len(running) - len(finished)
+                            if self.policy.max_tasks_per_child else None))
         self.peers[name] = peer
         if kind != "executor":
             return never_started
@@ -284,6 +299,22 @@ class Ledger:
     def _observe(self, seconds: float) -> None:
         """Fold a batch's mean run time into the moving average that sizes dispatch runs."""
         self.task_secs = seconds if self.task_secs == 0 else 0.8 * self.task_secs + 0.2 * seconds
+
+    def on_return(self, name: str, receipts: list[str]) -> list[str]:
+        """An executor gives back tasks it never started. Returns those we still held (to release
+        at once); they are gone from the ledger."""
+        peer = self.peers.get(name)
+        returned = []
+        for receipt in receipts:
+            current = self.aliases.get(receipt, receipt)
+            entry = self.entries.get(current)
+            if peer is not None:
+                peer.running.discard(receipt)
+                peer.running.discard(current)
+            if entry is not None and entry.state == RUNNING:
+                self._drop(entry)
+                returned.append(current)
+        return returned
 
     def executor_gone(self, name: str) -> None:
         """The executor will not come back (pool shrank): fail what it held."""

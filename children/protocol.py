@@ -8,7 +8,7 @@ Channels (see DESIGN §4):
 - supervision: each child's DEALER -> the root's ROUTER (``sup.ipc``): Ready, Heartbeat.
 - control: ``supervise status/stop`` DEALER -> the root's ROUTER (``control.ipc``): Request, Reply.
 - pipeline: executors' and the reaper's DEALERs -> the leaser's ROUTER (``leaser.ipc``): Hello, Ping,
-  Tasks, Done, Settle, Settled, Forget, Abort, Sync.
+  Tasks, Done, Settle, Settled, Forget, Abort, Sync, Return.
 
 Task and completion items travel as plain tuples inside batch messages, because per-item objects
 cost more than the rest of a hop (batching is the main lever for speed).
@@ -189,10 +189,20 @@ class Abort(Message):
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Return(Message):
+    """Executor -> leaser: these were never started and will not be (the executor retires); release
+    them now without blame."""
+
+    CODE: ClassVar[int] = 29
+    SHAPE: ClassVar[tuple[Any, ...]] = (list,)
+    receipts: list
+
+
 MESSAGES: dict[int, type[Message]] = {
     cls.CODE: cls
     for cls in (Ready, Heartbeat, Request, Reply, Hello, Ping, Sync, Tasks, Done, Settle, Settled,
-                Forget, Abort)
+                Forget, Abort, Return)
 }
 _FIELDS: dict[type[Message], tuple[str, ...]] = {
     cls: tuple(f.name for f in fields(cls)) for cls in MESSAGES.values()

@@ -11,8 +11,9 @@ What it does:
 3. for ``--minutes``: every 0.3-1 s picks the leaser, an executor or the reaper at random and either
    ``kill -9``s it or freezes it (SIGSTOP for a random 0.5-3 s, then SIGCONT): a freeze past the
    heartbeat timeout gets it killed by the root. Just before each event it reads ``supervise status
-   --json``: what was in flight then (executors' ``running`` + the leaser's ``unsettled``) is what that
-   event may cost in duplicate runs;
+   --json``: what was in flight then (tasks running, by the executors' ``running`` gauges or the
+   leaser's, whichever is larger, + the leaser's ``unsettled``) is what that event may cost in
+   duplicate runs;
 4. waits for the queue to drain, reads the tree's state, stops it warmly, and prints the table.
 
 Lost = a task that left the queue without ever having run; unfinished = a task still in the queue
@@ -30,6 +31,7 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from children.backends import BackendError, TaskState, open_backend  # noqa: E402
 from tests.backends import SERVER_URLS  # noqa: E402
-from tests.integration.harness import RunningTree, records, supervise, write_config  # noqa: E402
+from tests.integration.harness import SUPERVISE, RunningTree, records, write_config  # noqa: E402
 
 BACKENDS = ("sqlite", "redis", "postgresql", "nats")
 HEARTBEAT_TIMEOUT_SECS = 2.0  # a freeze of 0.5-3 s outlasts it about 40 % of the time
@@ -110,8 +112,9 @@ def role(child_id: str) -> str:
     return "executor" if child_id.startswith("executor.") else child_id
 
 
-def chaos(tree: RunningTree, seconds: float, rng: random.Random) -> list[dict[str, Any]]:
-    """Kill and freeze children of ``tree`` at random for ``seconds``; one dict per event."""
+def chaos(tree: RunningTree, record: Path, seconds: float, rng: random.Random) -> list[dict[str, Any]]:
+    """Kill and freeze children of ``tree`` at random for ``seconds``; one dict per event, with what
+    was in flight just before it and how many tasks had started by then (``started``)."""
     events: list[dict[str, Any]] = []
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -123,7 +126,8 @@ def chaos(tree: RunningTree, seconds: float, rng: random.Random) -> list[dict[st
             continue
         victim = rng.choice(sorted(pids))
         pid = pids[victim]
-        event: dict[str, Any] = {"victim": victim, "pid": pid, **in_flight(status or {})}
+        event: dict[str, Any] = {"victim": victim, "pid": pid, "started": len(records(record)),
+                                 **in_flight(status or {})}
         if rng.random() < KILL_SHARE:
             event["kind"] = "kill"
             with contextlib.suppress(ProcessLookupError):
@@ -183,7 +187,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix=f"leasetree-chaos-{args.backend}-"))
     url, name = queue_url(args), f"chaos-{uuid.uuid4().hex[:10]}"
     seconds = args.minutes * 60
-    task_secs = args.task_secs or round(0.9 * seconds * args.executors / args.tasks, 4)
+    # sized to keep the executors busy for the whole run even without the chaos's slowdowns
+    task_secs = args.task_secs or round(seconds * args.executors / args.tasks, 4)
     rng = random.Random(args.seed)
     config = write_config(
         folder, "chaos.toml", queue={"url": url, "name": name},
@@ -204,7 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with RunningTree(config, record) as tree:
             tree.wait_ready(timeout=60)
             started = time.monotonic()
-            events = chaos(tree, seconds, rng)
+            events = chaos(tree, record, seconds, rng)
             summary["chaos_secs"] = round(time.monotonic() - started, 1)
             summary["ran_during_chaos"] = len(records(record))
             drained, waited = wait_drained(url, name, folder, time.monotonic() + args.drain_secs)
@@ -212,8 +217,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             final = tree.status() if tree.process.poll() is None else None
             summary["tree"] = describe(final, tree)
             if final is not None:
-                stopped = supervise("stop", str(config), env=tree.env)
-                summary["tree"]["stop_exit"] = tree.wait_exit(timeout=60) if stopped.returncode == 0 else None
+                summary["tree"]["stop_exit"] = stop_warmly(tree)
+                summary["tree"]["leftovers"] = len(tree.leftovers())  # none, after a clean stop
             summary["log"] = tree.output() if summary["tree"]["state"] != "running" else ""
         with open_backend(url, name, folder) as backend:
             summary.update(tally(ids, dict(records(record)), backend))
@@ -229,6 +234,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"work folder kept: {folder}", file=sys.stderr)
         else:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def stop_warmly(tree: RunningTree) -> int | None:
+    """``supervise stop`` (a drain) and the tree's exit code, None if it did not exit in time.
+
+    The stop command waits until the root's pid is gone; the root is our child, so we reap it while
+    the command waits (a zombie still answers ``kill(pid, 0)``)."""
+    command = subprocess.Popen([*SUPERVISE, "stop", str(tree.config)], env=tree.env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        return tree.wait_exit(timeout=60)
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        try:
+            command.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            command.kill()
+            command.wait()
 
 
 def describe(status: dict[str, Any] | None, tree: RunningTree) -> dict[str, Any]:
@@ -250,12 +274,16 @@ def figures(summary: dict[str, Any]) -> dict[str, Any]:
     kills = [e for e in events if e["kind"] == "kill"]
     stops = [e for e in events if e["kind"] == "stop"]
     deaths = kills + [e for e in stops if e["killed"]]  # every event that ended a process
-    at_risk = sum(e["running"] + e["unsettled"] for e in deaths)
+    # Callable tasks run inline in their executor, whose own `running` gauge is only refreshed
+    # between tasks: the leaser's view of what runs is the steadier of the two.
+    at_risk = sum(max(e["running"], e["leaser_running"]) + e["unsettled"] for e in deaths)
     return {
         "kills": len(kills), "stops": len(stops), "stops_killed": sum(1 for e in stops if e["killed"]),
         "deaths": len(deaths), "at_risk": at_risk,
+        "deaths_under_load": sum(1 for e in deaths if e["started"] < summary["tasks"]),
         "max_in_flight": max((e["ledger"] for e in events), default=0),
-        "by_role": {r: sum(1 for e in deaths if role(e["victim"]) == r) for r in ("leaser", "executor", "reaper")},
+        "by_role": {r: sum(1 for e in deaths if role(e["victim"]) == r)
+                    for r in ("leaser", "executor", "reaper")},
     }
 
 
@@ -268,11 +296,12 @@ def table(summary: dict[str, Any]) -> str:
         ("backend", f"{summary['backend']} ({summary['executors']} executors, seed {summary['seed']})"),
         ("chaos", f"{summary['chaos_secs']} s; tasks sleep {summary['task_secs']} s"),
         ("tasks", summary["tasks"]),
-        ("ran while the chaos lasted", summary["ran_during_chaos"]),
+        ("started while the chaos lasted", summary["ran_during_chaos"]),
         ("kills (kill -9)", f"{f['kills']}"),
         ("stops (SIGSTOP 0.5-3 s)", f"{f['stops']}, {f['stops_killed']} of them killed by the root"),
         ("processes ended", "{deaths}: leaser {leaser}, executors {executor}, reaper {reaper}".format(
             deaths=f["deaths"], **f["by_role"])),
+        ("  of them with tasks left to start", f["deaths_under_load"]),
         ("lost", summary["lost"]),
         ("unfinished", summary["unfinished"]),
         ("dead letters", summary["dead"]),
@@ -280,9 +309,11 @@ def table(summary: dict[str, Any]) -> str:
         ("in flight at those ends (sum)", f["at_risk"]),
         ("duplicates / in flight", ratio),
         ("largest ledger seen", f["max_in_flight"]),
-        ("drain after the chaos", f"{summary['drain_secs']} s" + ("" if summary["drained"] else " (NOT drained)")),
+        ("drain after the chaos",
+         f"{summary['drain_secs']} s" + ("" if summary["drained"] else " (NOT drained)")),
         ("tree at the end", f"{tree['state']}; restarts: {restarts}"
-         + (f"; warm stop exit {tree['stop_exit']}" if "stop_exit" in tree else "")),
+         + (f"; warm stop exit {tree['stop_exit']}, {tree['leftovers']} processes left"
+            if "stop_exit" in tree else "")),
     ]
     width = max(len(str(k)) for k, _ in rows)
     lines = [f"| {'figure':<{width}} | value", f"|{'-' * (width + 2)}|------"]

@@ -8,7 +8,10 @@ Commands (``Request(command, args)`` -> ``Reply(ok, result, error)``):
     terminate_child {supervisor?, id | pid}   -> "ok"            | error: not_found, simple_one_for_one
     restart_child   {supervisor?, id}         -> pid             | error: running, restarting, not_found
     delete_child    {supervisor?, id}         -> "ok"            | error: running, restarting, not_found
-    status          {}                        -> {children: [...], stats: {child id: {...}}}
+    status          {}                        -> {children: [...], stats: {child id: {...}}, rates: {...},
+                                                  reload: {generation, running, last}, pid}
+    reload          {}                        -> {generation, changed, restarting, executors}
+                                                 | error: the reason the new config was refused
     stop            {cold?: bool}             -> {"stopping": true, "pid": root pid}
 
 ``supervisor`` is a path such as "executors" (default: the root). The tree answers while it is busy

@@ -23,6 +23,12 @@ EXIT_SHUTDOWN = 64
 """Exit code a child uses to say "I stopped on purpose" (OTP ``shutdown``); 64 is EX_USAGE's
 neighbourhood in sysexits and is used by nothing in this project."""
 
+EXIT_RECYCLE = 65
+"""Exit code of a worker that retires on purpose to be replaced (an executor after
+``max_tasks_per_child`` or ``max_memory_mb``). Its replacement does not count against the restart
+intensity: a recycle is maintenance, not a crash, and a busy pool recycles often (Celery does not
+count these either). A deviation from OTP, documented in docs/supervision.md."""
+
 Kind = Literal["normal", "shutdown", "abnormal"]
 
 
@@ -47,6 +53,7 @@ class ExitReason:
 
 
 NORMAL = ExitReason("normal")
+RECYCLED = ExitReason("normal", "recycled")
 SHUTDOWN = ExitReason("shutdown")
 
 
@@ -75,6 +82,8 @@ def from_exitcode(exitcode: int, stopped_by_us: bool = False) -> ExitReason:
         return SHUTDOWN
     if exitcode == 0:
         return NORMAL
+    if exitcode == EXIT_RECYCLE:
+        return RECYCLED
     if exitcode == EXIT_SHUTDOWN:
         return SHUTDOWN
     if exitcode < 0:

@@ -147,6 +147,10 @@ class ConfigReloader:
         return result
 
     def commit(self, plan: Plan) -> None:
+        """Make ``plan`` the running config. A new log level is set in the root now, so the
+        children restarted for it (forked from the root) inherit it."""
+        if plan.cfg.log.level != self.cfg.log.level:
+            logging.getLogger().setLevel(getattr(logging, plan.cfg.log.level.upper(), logging.INFO))
         self.cfg = plan.cfg
         self.generation += 1
 

@@ -297,7 +297,8 @@ class Supervisor:
         self._cleared(child)
         self.last_exit = (child.name, reason)
         restart = child.spec.restart
-        if restart == "permanent" or (restart == "transient" and reason.abnormal):
+        recycled = reason == reasons.RECYCLED
+        if restart == "permanent" or (restart == "transient" and (reason.abnormal or recycled)):
             level = logging.ERROR if reason.abnormal else logging.INFO
             self.log.log(level, "supervisor=%s child=%s reason=%s: child_terminated, restarting",
                          self.path, child.name, reason)
@@ -312,7 +313,8 @@ class Supervisor:
             self._auto_shutdown()
 
     def _restart(self, child: Child) -> None:
-        self.history = add_restart(self.history, self.core.now, self.flags.period)
+        if self.last_exit is None or self.last_exit[1] != reasons.RECYCLED:
+            self.history = add_restart(self.history, self.core.now, self.flags.period)
         if exceeded(self.history, self.flags.intensity):
             self.log.error("supervisor=%s child=%s reason=%s: reached_max_restart_intensity "
                            "(%d restarts within %gs), shutting down", self.path, child.name,

@@ -125,7 +125,7 @@ def render(frame: Frame, title: str) -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    children = Table(title=title, title_justify="left", expand=False)
+    children = Table(expand=False)
     for name, justify in (("CHILD", "left"), ("PID", "right"), ("STATE", "left"), ("RESTARTS", "right"),
                           ("UPTIME", "right"), ("CPU", "right"), ("RSS", "right")):
         children.add_column(name, justify=justify)  # type: ignore[arg-type]
@@ -137,7 +137,7 @@ def render(frame: Frame, title: str) -> Any:
     pipeline.add_column("value", justify="right")
     for name, value in frame.pipeline:
         pipeline.add_row(name, value)
-    parts: list[Any] = [children, pipeline]
+    parts: list[Any] = [Text(title, style="bold"), children, pipeline]
     if frame.note:
         parts.append(Text(frame.note, style="yellow"))
     return Group(*parts)

@@ -337,6 +337,7 @@ class Tree:
         from supervisor.reload import ReloadRefused, replace_specs, rollout
 
         if self.reloader is None:
+            log.warning("reload (%s) ignored: this tree was started without a config", origin)
             return ("error", "this tree was started without a config to reload")
         if self._stop_requests or self.core.root.status != "running":
             log.warning("reload (%s) refused: the tree is %s", origin,

@@ -346,9 +346,11 @@ class NatsBackend(NatsAdmin, Backend):
             wait = float(msg.headers.get("Lt-Due", "0")) - now
             (due if wait <= 0 else later).append((msg, wait))
         keep = ("Lt-Enq", "Lt-Attempts", "Lt-Error")
+        # the message id makes a promotion repeated after a lost +ACK a no-op (2-minute window)
         await asyncio.gather(*(self._js.publish(
             self._subj("tasks", *m.subject.split(".")[-2:]), m.data or b"",
-            headers={k: v for k, v in m.headers.items() if k in keep}) for m, _ in due))
+            headers={**{k: v for k, v in m.headers.items() if k in keep},
+                     "Nats-Msg-Id": f"promote.{_Receipt(m.reply).seq}.{self._name}"}) for m, _ in due))
         await asyncio.gather(*(self._nc.request(m.reply, b"+ACK", timeout=self._timeout) for m, _ in due),
                              *(self._nc.request(m.reply, b'-NAK {"delay": %d}' % int(w * 1e9),
                                                 timeout=self._timeout) for m, w in later))

@@ -13,7 +13,8 @@ Two ways to cut a tree off its queue:
   queue on the server, ours and other tests' alike (that data loss is the server's, not ours). So the
   outage is made from the outside without a restart: the server is paused for writes (``CLIENT
   PAUSE ... WRITE``) and the connections of the tree's processes (found by their client name, which
-  carries the pid) are killed again and again, which is how a restart or failover looks to a client. ``redis_down()`` is there for a chaos run on a Redis nobody else uses.
+  carries the pid) are killed again and again, which is how a restart or failover looks to a client.
+  ``redis_down()`` (a real stop and start, losing every key) is there for a Redis nobody else uses.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import http.server
 import os
 import random
@@ -295,3 +296,17 @@ def test_callable_past_its_timeout_fails_with_a_timeout_error_and_the_executor_l
         (dead,) = backend.list_tasks(TaskState.DEAD)
     assert "timeout" in dead.dead_reason
     assert len(records(record)) == 2
+
+
+def test_executors_recycle_after_max_tasks_per_child_without_using_up_the_restart_intensity(tmp_path):
+    config = write_config(tmp_path, executors={"max_tasks_per_child": 40},
+                          supervisor={"intensity": 2, "period_secs": 60})
+    record = tmp_path / "runs.txt"
+    enqueue(config, ["ok"] * 600)
+    with RunningTree(config, record, burst=True) as tree:
+        assert tree.wait_exit(timeout=120) == 0, tree.output()
+    runs = records(record)
+    assert len(runs) == 600 and set(runs.values()) == {1}
+    per_pid = collections.Counter(line.split()[2] for line in record.read_text().splitlines())
+    assert max(per_pid.values()) <= 40  # each incarnation retired at the line
+    assert len(per_pid) >= 600 // 40

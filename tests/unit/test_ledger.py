@@ -228,3 +228,19 @@ def test_executor_death_blames_only_the_task_it_was_running_and_returns_the_rest
     blamed = [i for i in ledger.take_settles(0.2) if not i[2]]
     assert [i[1] for i in blamed] == ["r2"] and "executor died while running it" in blamed[0][3]
     assert set(ledger.entries) == {"r0", "r1", "r2"}
+
+
+def test_an_executor_is_never_given_more_than_its_max_tasks_per_child():
+    ledger = Ledger(Policy(30.0, 7200.0, 5, 2.0, max_tasks_per_child=3), rng=random.Random(1))
+    hello(ledger, "executor.0", slots=2)
+    ledger.add_leased(leased(10), now=0.0)
+    (_, first), = ledger.dispatch(0.0)
+    assert len(first) == 2
+    ledger.on_done("executor.0", [[i[0], i[1], True, "", 1, 0.5] for i in first], now=0.5)
+    (_, second), = ledger.dispatch(0.5)
+    assert len(second) == 1  # the third and last before it retires
+    ledger.on_done("executor.0", [[i[0], i[1], True, "", 1, 0.5] for i in second], now=1.0)
+    assert ledger.dispatch(1.0) == []
+    hello(ledger, "executor.0", slots=2, incarnation=200, now=2.0)  # its replacement starts afresh
+    (_, third), = ledger.dispatch(2.0)
+    assert len(third) == 2

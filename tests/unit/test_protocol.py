@@ -21,6 +21,7 @@ SAMPLES = [
     p.Settled(["r1", "r2"], ["acked", "lost"]),
     p.Forget(["r1"]),
     p.Abort([], "cold shutdown"),
+    p.Return(["r7"]),
 ]
 
 
