@@ -103,7 +103,7 @@ class Executor:
         zctx = zmq.Context()
         self.sock = zctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, self.name.encode())
-        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.setsockopt(zmq.LINGER, 500)  # on exit, a dead leaser must not hold us long
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.connect(endpoint(Path(self.ctx.runtime_dir), "leaser"))

@@ -199,7 +199,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "heartbeat_timeout_secs": HEARTBEAT_TIMEOUT_SECS, "shutdown_secs": 20})
     record = folder / "runs.txt"
     summary: dict[str, Any] = {"backend": args.backend, "seconds": seconds, "tasks": args.tasks,
-                               "task_secs": task_secs, "executors": args.executors, "seed": args.seed}
+                               "task_secs": task_secs, "executors": args.executors, "slots": 1,
+                               "seed": args.seed}
     try:
         with open_backend(url, name, folder) as backend:
             ids: list[str] = []
@@ -308,6 +309,7 @@ def table(summary: dict[str, Any]) -> str:
         ("duplicates (runs - tasks)", summary["duplicates"]),
         ("in flight at those ends (sum)", f["at_risk"]),
         ("duplicates / in flight", ratio),
+        ("executor deaths x slots", f["by_role"]["executor"] * summary["slots"]),
         ("largest ledger seen", f["max_in_flight"]),
         ("drain after the chaos",
          f"{summary['drain_secs']} s" + ("" if summary["drained"] else " (NOT drained)")),

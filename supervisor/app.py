@@ -167,15 +167,22 @@ def run(cfg: Config, burst: bool = False) -> int:
 
 
 def _call(cfg: Config, command: str, args: dict[str, Any], timeout: float = 5.0) -> Any:
+    return _call_at(cfg.path, command, args, timeout, cfg.supervisor.user, cfg.supervisor.group)
+
+
+def _call_at(path: Any, command: str, args: dict[str, Any], timeout: float = 5.0,
+             user: str = "", group: str = "") -> Any:
+    """A control call to the tree run from the config at ``path`` (its runtime dir follows from the
+    path and the user alone, so a tree can be reached even when its config no longer validates)."""
     from supervisor import control
     from supervisor.privileges import PrivilegeError, drop_privileges
 
     try:
-        drop_privileges(cfg.supervisor.user, cfg.supervisor.group)  # to find that user's runtime dir
+        drop_privileges(user, group)  # to find that user's runtime dir
     except PrivilegeError as exc:
         raise control.ControlError(str(exc)) from None
 
-    return control.call(runtime_dir(cfg.path), command, args, timeout)
+    return control.call(runtime_dir(path), command, args, timeout)
 
 
 def status(cfg: Config, as_json: bool = False) -> int:
@@ -259,23 +266,33 @@ def _duration(secs: Any) -> str:
     return f"{secs // 3600}h{secs % 3600 // 60:02d}m"
 
 
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (exited, not yet reaped by its parent) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
 def stop(cfg: Config, cold: bool = False) -> int:
     """Ask the running tree to stop (warm: drain; cold: kill tasks and release them) and wait for it
     to be gone."""
+    return stop_at(cfg.path, cold, cfg.supervisor.user, cfg.supervisor.group)
+
+
+def stop_at(path: Any, cold: bool = False, user: str = "", group: str = "") -> int:
+    """``stop`` by the config's path alone: works when the config on disk is broken."""
     from supervisor.control import ControlError
 
     try:
-        result = _call(cfg, "stop", {"cold": cold})
+        result = _call_at(path, "stop", {"cold": cold}, user=user, group=group)
     except ControlError as exc:
         print(f"supervise: {exc}", file=sys.stderr)
         return EXIT_GAVE_UP
     pid = result.get("pid") if isinstance(result, dict) else None
-    deadline = time.monotonic() + float(cfg.supervisor.shutdown_secs) * 3 + 10
-    while pid and time.monotonic() < deadline:
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            break
+    # Like supervisorctl, return once it is gone: the tree bounds its own shutdown (shutdown_secs).
+    while pid and _alive(int(pid)):
         time.sleep(0.05)  # waiting on another process with no handle to it: a short poll is all there is
     print("stopped" if cold else "stopped (drained)")
     return EXIT_OK

@@ -261,9 +261,15 @@ def _reload(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    cfg = config.load(args.config)
     from supervisor import app
 
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as exc:
+        # The tree runs with the config it read at start: a broken file must not keep it running.
+        print(f"supervise: {args.config}: the config has errors ({len(exc.errors) or 1}); "
+              "stopping the tree started from this path anyway", file=sys.stderr)
+        return app.stop_at(args.config, args.cold)
     return app.stop(cfg, args.cold)
 
 

@@ -310,3 +310,14 @@ def test_executors_recycle_after_max_tasks_per_child_without_using_up_the_restar
     per_pid = collections.Counter(line.split()[2] for line in record.read_text().splitlines())
     assert max(per_pid.values()) <= 40  # each incarnation retired at the line
     assert len(per_pid) >= 600 // 40
+
+
+def test_stop_reaches_the_tree_even_after_its_config_was_broken_on_disk(tmp_path):
+    config = write_config(tmp_path)
+    with RunningTree(config) as tree:
+        tree.wait_ready()
+        config.write_text("[executors\ncount = two\n")
+        result = supervise("stop", str(config))
+        assert result.returncode == 0, result.stderr
+        assert b"stopping the tree started from this path anyway" in result.stderr
+        assert tree.wait_exit(timeout=30) == 0
