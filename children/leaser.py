@@ -345,7 +345,9 @@ class Leaser:
     def release_now(self, receipts: list[str], why: str) -> None:
         """Give back tasks that never started, at once and with no delay."""
         try:
-            self.backend.release(receipts, 0.0)
+            # not started: the delivery is taken back, so a task does not use up its attempts by
+            # waiting through warm stops, retiring executors or a neighbour's crash
+            self.backend.release(receipts, 0.0, count_attempt=False)
             self.log.info("%s: released %d tasks not yet started", why, len(receipts))
         except BackendError as exc:
             self.log.warning("%s: releasing %d tasks failed, their leases will expire: %s",

@@ -134,10 +134,15 @@ class Backend(ABC):
 
     @abstractmethod
     def release(self, receipts: Sequence[str], delay_secs: float | Sequence[float] = 0.0,
-                errors: Sequence[str] | None = None) -> dict[str, Outcome]:
+                errors: Sequence[str] | None = None, count_attempt: bool = True) -> dict[str, Outcome]:
         """Give deliveries back: each task becomes ready after its delay (a float for all, or one per
         receipt). ``errors`` (one per receipt, optional) is kept as the task's last error. The attempt
-        count is kept, so the next delivery has attempt + 1. LOST for a stale receipt."""
+        count is kept, so the next delivery has attempt + 1. LOST for a stale receipt.
+
+        ``count_attempt=False`` says the delivery never started the task (a warm stop released it,
+        or the executor holding it died before reaching it): the delivery is taken back, so the
+        next one has the same attempt number. Backends whose server counts deliveries itself (NATS,
+        SQS) cannot take one back and ignore it; their docs say so."""
 
     @abstractmethod
     def dead_letter(self, receipts: Sequence[str], reason: str | Sequence[str]) -> dict[str, Outcome]:

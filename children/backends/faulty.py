@@ -242,8 +242,8 @@ class FaultyBackend(Backend):
         return self._call("ack", receipts)
 
     def release(self, receipts: Sequence[str], delay_secs: float | Sequence[float] = 0.0,
-                errors: Sequence[str] | None = None) -> dict[str, Outcome]:
-        return self._call("release", receipts, delay_secs, errors)
+                errors: Sequence[str] | None = None, count_attempt: bool = True) -> dict[str, Outcome]:
+        return self._call("release", receipts, delay_secs, errors, count_attempt)
 
     def dead_letter(self, receipts: Sequence[str], reason: str | Sequence[str]) -> dict[str, Outcome]:
         return self._call("dead_letter", receipts, reason)

@@ -254,12 +254,14 @@ class MemoryBackend(Backend):
         return self._settle(receipts, lambda i, task, now: self._store.tasks.pop(task.id))
 
     def release(self, receipts: Sequence[str], delay_secs: float | Sequence[float] = 0.0,
-                errors: Sequence[str] | None = None) -> dict[str, Outcome]:
+                errors: Sequence[str] | None = None, count_attempt: bool = True) -> dict[str, Outcome]:
         delays = _per_item(delay_secs, len(receipts), "release delay_secs")
         errs = _per_item(errors, len(receipts), "release errors") if errors is not None else None
 
         def give_back(i: int, task: _Task, now: float) -> None:
             task.token, task.leased = 0, False
+            if not count_attempt:
+                task.attempt = max(0, task.attempt - 1)
             if errs is not None:
                 task.last_error = errs[i]
             self._store.schedule(task, now + max(0.0, float(delays[i])))

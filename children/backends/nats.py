@@ -454,7 +454,8 @@ class NatsBackend(NatsAdmin, Backend):
         return out
 
     def release(self, receipts: Sequence[str], delay_secs: float | Sequence[float] = 0.0,
-                errors: Sequence[str] | None = None) -> dict[str, Outcome]:
+                errors: Sequence[str] | None = None, count_attempt: bool = True) -> dict[str, Outcome]:
+        # count_attempt is ignored: JetStream counts deliveries itself and cannot take a delivery back
         delays = _per_item(delay_secs, len(receipts), "release delay_secs")
         errs = _per_item("" if errors is None else errors, len(receipts), "release errors")
         return self._run(self._release(list(receipts), [float(d) for d in delays], errs))

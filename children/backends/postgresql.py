@@ -112,7 +112,7 @@ _RELEASE = f"""
 WITH done AS (
     UPDATE leasetree_tasks t
     SET state = 'ready', lease_token = NULL, visible_at = now() + r.delay * interval '1 second',
-        last_error = coalesce(r.err, t.last_error)
+        last_error = coalesce(r.err, t.last_error), attempts = greatest(t.attempts - %(uncount)s, 0)
     FROM {_RECEIPTS.format(extra=', %(delays)s::float8[], %(errors)s::text[]', names=', delay, err')}
     WHERE {_FENCE} RETURNING r.id, r.token),
   n AS (SELECT pg_notify(%(channel)s, '') WHERE EXISTS (SELECT 1 FROM done))
@@ -329,11 +329,11 @@ class PostgresBackend(Backend):
         return self._settle(_ACK, receipts)
 
     def release(self, receipts: Sequence[str], delay_secs: float | Sequence[float] = 0.0,
-                errors: Sequence[str] | None = None) -> dict[str, Outcome]:
+                errors: Sequence[str] | None = None, count_attempt: bool = True) -> dict[str, Outcome]:
         delays = ([float(delay_secs)] * len(receipts) if isinstance(delay_secs, int | float)
                   else [float(d) for d in delay_secs])
         errs = list(errors) if errors is not None else [None] * len(receipts)
-        return self._settle(_RELEASE, receipts, {"channel": self._channel},
+        return self._settle(_RELEASE, receipts, {"channel": self._channel, "uncount": 0 if count_attempt else 1},
                             {"delays": delays, "errors": errs})
 
     def dead_letter(self, receipts: Sequence[str], reason: str | Sequence[str]) -> dict[str, Outcome]:

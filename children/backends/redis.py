@@ -228,6 +228,8 @@ for i = 4, #ARGV, 5 do
         redis.call('ZREM', P .. 'live', id)
       elseif op == 'release' then
         if ARGV[i + 3] == '1' then redis.call('HSET', k, 'r', ARGV[i + 4]) end
+        -- lease_ms < 0 on a release: the delivery never started the task, take it back
+        if lease < 0 and tonumber(redis.call('HGET', k, 'n') or '0') > 0 then redis.call('HINCRBY', k, 'n', -1) end
         local delay = tonumber(ARGV[i + 2])
         if delay > 0 then
           redis.call('HSET', k, 's', 'd', 'v', now + delay)
@@ -489,10 +491,11 @@ class RedisBackend(Backend):
         return self._settle_call("ack", receipts)
 
     def release(self, receipts: Sequence[str], delay_secs: float | Sequence[float] = 0.0,
-                errors: Sequence[str] | None = None) -> dict[str, Outcome]:
+                errors: Sequence[str] | None = None, count_attempt: bool = True) -> dict[str, Outcome]:
         delays = ([delay_secs] * len(receipts) if isinstance(delay_secs, int | float)
                   else list(delay_secs))
-        return self._settle_call("release", receipts, numbers=[_ms(d) for d in delays],
+        return self._settle_call("release", receipts, lease_ms=0 if count_attempt else -1,
+                                 numbers=[_ms(d) for d in delays],
                                  strings=list(errors) if errors is not None else None)
 
     def dead_letter(self, receipts: Sequence[str], reason: str | Sequence[str]) -> dict[str, Outcome]:

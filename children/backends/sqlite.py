@@ -402,7 +402,7 @@ class SqliteBackend(Backend):
                                       "AND token IN ({tokens}) AND leased = 1 RETURNING id, token", ())
 
     def release(self, receipts: Sequence[str], delay_secs: float | Sequence[float] = 0.0,
-                errors: Sequence[str] | None = None) -> dict[str, Outcome]:
+                errors: Sequence[str] | None = None, count_attempt: bool = True) -> dict[str, Outcome]:
         delays = _per_item(delay_secs, len(receipts), "release delay_secs")
         errs = _per_item(errors, len(receipts), "release errors") if errors is not None else None
         now = time.time()
@@ -412,8 +412,9 @@ class SqliteBackend(Backend):
             rows.append((now + max(0.0, float(delays[i])), err, receipt))
         return self._settle_each(
             rows, "UPDATE tasks SET visible_at = ?, leased = 0, token = random(), "
-                  "last_error = coalesce(?, last_error) WHERE +queue = ? AND id = ? AND token = ? "
-                  "AND leased = 1")
+                  "last_error = coalesce(?, last_error)"
+                  + ("" if count_attempt else ", attempt = max(attempt - 1, 0)")
+                  + " WHERE +queue = ? AND id = ? AND token = ? AND leased = 1")
 
     def dead_letter(self, receipts: Sequence[str], reason: str | Sequence[str]) -> dict[str, Outcome]:
         reasons = _per_item(reason, len(receipts), "dead_letter reason")

@@ -258,7 +258,8 @@ class SqsBackend(Backend):
         return out
 
     def release(self, receipts: Sequence[str], delay_secs: float | Sequence[float] = 0.0,
-                errors: Sequence[str] | None = None) -> dict[str, Outcome]:
+                errors: Sequence[str] | None = None, count_attempt: bool = True) -> dict[str, Outcome]:
+        # count_attempt is ignored: SQS counts receives itself and cannot take a delivery back
         delays = _per_item(delay_secs, len(receipts), "release delay_secs")
         delay_of = dict(zip(receipts, delays, strict=True))
         error_of = dict(zip(receipts, _per_item(errors if errors is not None else "", len(receipts),

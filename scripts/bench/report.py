@@ -49,6 +49,10 @@ def _fmt_rate(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
+def _fmt_ratio(value: float) -> str:
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.2g}"
+
+
 def _fmt_small(value: float) -> str:
     return f"{value:.2f}" if value >= 0.1 else f"{value:.3f}"
 
@@ -75,7 +79,7 @@ def throughput_table(rows: list[Row], sleep_ms: float = 0.0, workers: int = 2) -
             continue
         line = [row.name, str(row.tasks), _fmt_rate(rate),
                 f"{_fmt_rate(min(row.rates))}–{_fmt_rate(max(row.rates))}",
-                f"{rate / base:.2f}" if base else "n/a",
+                _fmt_ratio(rate / base) if base else "n/a",
                 _fmt_small(statistics.median(row.cpu_per_1k)),
                 f"{row.peak_rss / 2**20:.0f}",
                 f"{statistics.median(row.first_secs):.2f}" if row.first_secs else "–"]

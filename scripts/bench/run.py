@@ -175,7 +175,7 @@ class Bench:
 
         rows = []
         for c in contenders:
-            row = Row(c.name, self.args.samples, c.note.replace(" --burst", ""))
+            row = Row(c.name, self.args.samples, c.note.replace(" --burst", "").split("; ≤")[0])
             ctx = self.context(c.name, self.args.samples, "latency")
             procs = []
             try:

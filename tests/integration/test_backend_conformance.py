@@ -259,6 +259,17 @@ def test_release_with_delay_hides_the_task_until_then(backend: Backend) -> None:
     assert info is not None and info.last_error == "exit 3"
 
 
+def test_release_without_counting_keeps_the_attempt(backend: Backend) -> None:
+    backend.enqueue([b"job"])
+    [first] = backend.lease(1, LONG)
+    assert backend.release([first.receipt], 0.0, count_attempt=False) == {first.receipt: Outcome.OK}
+    [again] = lease_within(backend, 1)
+    assert (again.task_id, again.attempt) == (first.task_id, 1)  # the first delivery was taken back
+    assert backend.release([again.receipt], 0.0) == {again.receipt: Outcome.OK}
+    [third] = lease_within(backend, 1)
+    assert third.attempt == 2
+
+
 def test_release_takes_one_delay_per_receipt(backend: Backend) -> None:
     backend.enqueue([b"now", b"later"])
     now, later = backend.lease(2, LONG)

@@ -321,3 +321,20 @@ def test_stop_reaches_the_tree_even_after_its_config_was_broken_on_disk(tmp_path
         assert result.returncode == 0, result.stderr
         assert b"stopping the tree started from this path anyway" in result.stderr
         assert tree.wait_exit(timeout=30) == 0
+
+
+def test_repeated_warm_stops_do_not_use_up_the_attempts_of_tasks_that_never_started(tmp_path):
+    config = write_config(tmp_path, leaser={"max_in_flight": 60}, retry={"max_attempts": 2})
+    record = tmp_path / "runs.txt"
+    enqueue(config, ["sleep:0.05"] * 150)
+    for _ in range(4):  # each stop releases the ~60 leased tasks that had not started
+        with RunningTree(config, record) as tree:
+            before = len(records(record))
+            wait_until(lambda: len(records(record)) >= before + 2, 30, "tasks to start")
+            tree.signal(signal.SIGTERM)
+            assert tree.wait_exit(timeout=60) == 0, tree.output()
+    with RunningTree(config, record, burst=True) as tree:
+        assert tree.wait_exit(timeout=60) == 0, tree.output()
+    stats = queue_stats(config)
+    assert (stats.ready, stats.leased, stats.dead) == (0, 0, 0)
+    assert len(records(record)) == 150
