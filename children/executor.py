@@ -246,7 +246,10 @@ class Executor:
                 self.current = None
             finished = time.monotonic()
             self.complete(item, ok, output, error, finished - started)
-            if len(self.outbox) >= DONE_FLUSH_ITEMS or finished - checked > 0.005 or self.at_limit():
+            # report at least every DONE_FLUSH_SECS, so the leaser refills our credit while we run
+            # the rest of the run, and check the socket now and then
+            if (len(self.outbox) >= DONE_FLUSH_ITEMS or finished - self.outbox_since >= DONE_FLUSH_SECS
+                    or finished - checked > 0.005 or self.at_limit()):
                 break
 
     def watch_timeouts(self) -> None:

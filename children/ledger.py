@@ -20,11 +20,14 @@ from children.backends.base import Leased
 
 HELD, RUNNING, FINISHED = "held", "running", "finished"
 
-# A task shorter than this is dispatched in runs rather than one per free slot, so that the
-# per-message cost is shared; a run is sized to about this much work, which bounds how long an idle
-# executor can wait behind another's buffer.
-RUN_TARGET_SECS = 0.002
+# Tasks shorter than SHORT_TASK_SECS are dispatched in runs rather than one per free slot, so that
+# the per-message cost is shared; a run is sized to about RUN_TARGET_SECS of work, which bounds how
+# long an idle executor can wait behind another's buffer.
+RUN_TARGET_SECS = 0.005
 MAX_RUN = 256
+# Below this a task is short enough that an executor also holds the next one while it runs one
+# (double buffering), so it never idles for the round trip its Done and the next Tasks take.
+SHORT_TASK_SECS = 0.02
 
 
 @dataclass(slots=True)
@@ -163,9 +166,9 @@ class Ledger:
     # -- dispatch ----------------------------------------------------------------------------
     def run_length(self) -> int:
         """Tasks to hand an executor per free slot: 1 for real work, more for tiny tasks."""
-        if self.task_secs <= 0.0:
+        if self.task_secs <= 0.0 or self.task_secs >= SHORT_TASK_SECS:
             return 1
-        return max(1, min(MAX_RUN, int(RUN_TARGET_SECS / self.task_secs)))
+        return max(2, min(MAX_RUN, int(RUN_TARGET_SECS / self.task_secs)))
 
     def dispatch(self, now: float) -> list[tuple[str, list[list[Any]]]]:
         """Hand held tasks to executors with free credit; returns (peer, task items) to send."""
