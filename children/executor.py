@@ -103,7 +103,9 @@ class Executor:
         zctx = zmq.Context()
         self.sock = zctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, self.name.encode())
-        self.sock.setsockopt(zmq.LINGER, 500)  # on exit, a dead leaser must not hold us long
+        self.sock.setsockopt(zmq.LINGER, 200)  # on exit, a dead leaser must not hold us long
+        # we usually start before the leaser binds: retry the connection every 10 ms, not 100
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 10)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.connect(endpoint(Path(self.ctx.runtime_dir), "leaser"))
@@ -126,7 +128,7 @@ class Executor:
                     return 0
                 if self.ctx.stop_requested and not self.retiring:
                     # a rolling restart stops us while the leaser runs: hand back the queue
-                    self.retire(now, "stop requested")
+                    self.retire(now, "stop requested", announce=False)
                 if self.ctx.stop_requested and not self.busy():
                     self.flush_done(now)
                     return 0
@@ -384,13 +386,18 @@ class Executor:
         if over_tasks or over_memory:
             self.retire(now, "max_tasks_per_child reached" if over_tasks else "max_memory_mb reached")
 
-    def retire(self, now: float, why: str) -> None:
-        """Take no more work: tell the leaser (slots 0) and give back what has not started."""
+    def retire(self, now: float, why: str, announce: bool = True) -> None:
+        """Take no more work: tell the leaser (slots 0) and give back what has not started.
+
+        Without ``announce`` it tells the leaser only if it has something to give back: on a tree's
+        warm stop the leaser has drained and gone, and a message nobody reads would hold our exit
+        for the socket's linger."""
         self.retiring = True
         self.retired_at = now
-        self.log.info("retiring: %s", why)
         unstarted, self.queue = [item[1] for item in self.queue], deque()
-        self.send_hello()  # slots 0: no more work for this incarnation
+        if announce or unstarted:
+            self.log.info("retiring: %s", why)
+            self.send_hello()  # slots 0: no more work for this incarnation
         if unstarted:
             self.send(p.Return(unstarted))
 

@@ -57,7 +57,8 @@ class Reaper:
         zctx = zmq.Context()
         sock = self.sock = zctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, b"reaper")
-        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.LINGER, 200)
+        sock.setsockopt(zmq.RECONNECT_IVL, 10)  # we start before the leaser binds
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.connect(endpoint(Path(self.ctx.runtime_dir), "leaser"))

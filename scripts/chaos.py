@@ -10,10 +10,10 @@ What it does:
    intensity no chaos reaches;
 3. for ``--minutes``: every 0.3-1 s picks the leaser, an executor or the reaper at random and either
    ``kill -9``s it or freezes it (SIGSTOP for a random 0.5-3 s, then SIGCONT): a freeze past the
-   heartbeat timeout gets it killed by the root. Just before each event it reads ``supervise status
-   --json``: what was in flight then (tasks running, by the executors' ``running`` gauges or the
-   leaser's, whichever is larger, + the leaser's ``unsettled``) is what that event may cost in
-   duplicate runs;
+   heartbeat timeout gets it killed by the root. Just before each event it reads the tree's status
+   (what ``supervise status --json`` prints): what was in flight then (tasks running, by the
+   executors' ``running`` gauges or the leaser's, whichever is larger, + the leaser's ``unsettled``)
+   is what that event may cost in duplicate runs;
 4. waits for the queue to drain, reads the tree's state, stops it warmly, and prints the table.
 
 Lost = a task that left the queue without ever having run; unfinished = a task still in the queue
@@ -42,6 +42,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from children.backends import BackendError, TaskState, open_backend  # noqa: E402
+from supervisor import control  # noqa: E402
+from supervisor.rundir import runtime_dir  # noqa: E402
 from tests.backends import SERVER_URLS  # noqa: E402
 from tests.integration.harness import SUPERVISE, RunningTree, records, write_config  # noqa: E402
 
@@ -77,6 +79,15 @@ def queue_url(args: argparse.Namespace) -> str:
     if args.url:
         return args.url
     return "sqlite:///tasks.db" if args.backend == "sqlite" else SERVER_URLS[args.backend]
+
+
+def status_now(tree: RunningTree) -> dict[str, Any] | None:
+    """What ``supervise status --json`` prints, asked from this process: no interpreter to start, so
+    the in-flight figures are milliseconds old when the event lands, not half a second."""
+    try:
+        return control.call(runtime_dir(tree.config, create=False), "status", {}, timeout=10)
+    except control.ControlError:
+        return None
 
 
 def workers(status: dict[str, Any]) -> dict[str, int]:
@@ -120,7 +131,7 @@ def chaos(tree: RunningTree, record: Path, seconds: float, rng: random.Random) -
     while time.monotonic() < end:
         if tree.process.poll() is not None:
             break  # the tree gave up: the table will say so
-        status = tree.status()
+        status = status_now(tree)
         pids = workers(status or {})
         if not pids:
             continue
@@ -215,7 +226,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             summary["ran_during_chaos"] = len(records(record))
             drained, waited = wait_drained(url, name, folder, time.monotonic() + args.drain_secs)
             summary["drained"], summary["drain_secs"] = drained, round(waited, 1)
-            final = tree.status() if tree.process.poll() is None else None
+            final = status_now(tree) if tree.process.poll() is None else None
             summary["tree"] = describe(final, tree)
             if final is not None:
                 summary["tree"]["stop_exit"] = stop_warmly(tree)
