@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 import zmq
 
 from children import protocol as p
-from children.backends import BackendError, BackendUnavailable, Leased, Outcome, open_backend
+from children.backends import Backend, BackendError, BackendUnavailable, Leased, Outcome, open_backend
 from children.ledger import Ledger, Policy
 from children.ratelimit import TokenBucket
 from children.retry import dead_reason
@@ -32,6 +34,66 @@ BURST_EMPTY_CHECKS = 2
 FORGET_SECS = 0.1
 FORGET_BATCH = 4096
 REPORT_SECS = 0.2  # stats for the heartbeat; gathering them costs a scan of the ledger
+
+
+class LeaseThread:
+    """Runs lease calls on a thread of their own, with a backend instance of their own, so that a
+    lease (a database transaction, a long poll that waits for work) overlaps the loop's work on the
+    last batch instead of stalling it: SQLite, psycopg, redis-py and friends release the GIL while
+    they wait. One call at a time; the loop asks, and is woken through a pipe when the answer is in.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.requests: queue.SimpleQueue[tuple[int, float, float, str | None] | None] = queue.SimpleQueue()
+        self.results: queue.SimpleQueue[tuple[list[Leased] | BackendError, float]] = queue.SimpleQueue()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.busy = False
+        self.thread = threading.Thread(target=self._serve, name="lease", daemon=True)
+        self.thread.start()
+
+    def ask(self, max_tasks: int, lease_secs: float, wait_secs: float, tag: str | None) -> None:
+        self.busy = True
+        self.requests.put((max_tasks, lease_secs, wait_secs, tag))
+
+    def answers(self) -> list[tuple[list[Leased] | BackendError, float]]:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        out = []
+        while True:
+            try:
+                out.append(self.results.get_nowait())
+            except queue.Empty:
+                break
+        if out:
+            self.busy = False
+        return out
+
+    def _serve(self) -> None:
+        while True:
+            request = self.requests.get()
+            if request is None:
+                return
+            max_tasks, lease_secs, wait_secs, tag = request
+            try:
+                result: list[Leased] | BackendError = self.backend.lease(max_tasks, lease_secs, wait_secs, tag)
+            except BackendError as exc:
+                result = exc
+            self.results.put((result, time.monotonic()))
+            try:
+                os.write(self.wake_w, b"x")
+            except BlockingIOError:
+                pass
+
+    def close(self) -> None:
+        self.requests.put(None)
+        self.thread.join(timeout=BLOCKING_WAIT_CAP_SECS + 5)
+        self.backend.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
 
 
 def main(ctx: Any, config: dict[str, Any], burst: bool = False) -> int:
@@ -52,8 +114,11 @@ class Leaser:
         self.batch_wait = float(lc.batch_wait_secs)
         self.idle_cap = float(lc.idle_poll_secs)
         self.tag = lc.tag or None
+        self.stats_for_leases: dict[str, Any] = {}  # the lease thread's own counters (no sharing)
         self.backend = open_backend(cfg.queue.url, cfg.queue.name, cfg.base_dir)
         self.blocking = self.backend.limits.blocking_lease
+        self.leases = LeaseThread(instrument(open_backend(cfg.queue.url, cfg.queue.name, cfg.base_dir),
+                                             self.stats_for_leases))
         self.ledger = Ledger(Policy(self.lease_secs, float(lc.max_lease_secs), int(cfg.retry.max_attempts),
                                     resend_secs=max(2.0, 20 * float(cfg.reaper.max_latency_ms) / 1000.0),
                                     max_tasks_per_child=int(cfg.executors.max_tasks_per_child)))
@@ -65,6 +130,7 @@ class Leaser:
         self.extend_retry_at = 0.0
         self.empty_checks = 0
         self.reaper_incarnation: int | None = None
+        self.lease_waited = 0.0
         # Forget is only bookkeeping for the executors: send it in large, infrequent batches
         self.forget: dict[str, list[str]] = {}
         self.forget_sent_at = 0.0
@@ -91,6 +157,8 @@ class Leaser:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self.ctx.wakeup_fd, zmq.POLLIN)
+        poller.register(self.leases.wake_r, zmq.POLLIN)
+        events: dict[Any, int] = {}
         try:
             while True:
                 now = time.monotonic()
@@ -99,17 +167,20 @@ class Leaser:
                 if self.ctx.stop_requested:
                     self.release_held("warm shutdown")
                 elif self.lease_due(now):
-                    if self.lease(now) is False and self.burst_finished():
-                        c = self.ledger.counters
-                        self.log.info("burst done: queue empty and everything settled (%d succeeded, "
-                                      "%d failed attempts)", c["succeeded_total"], c["failed_total"])
-                        self.send_forgets(time.monotonic(), everything=True)
-                        return 0
+                    self.ask_lease(now)
+                if self.leases.wake_r in events:
+                    for result, at in self.leases.answers():
+                        if self.leased(result, at) is False and self.burst_finished():
+                            c = self.ledger.counters
+                            self.log.info("burst done: queue empty and everything settled (%d succeeded, "
+                                          "%d failed attempts)", c["succeeded_total"], c["failed_total"])
+                            self.send_forgets(time.monotonic(), everything=True)
+                            return 0
                 self.dispatch(time.monotonic())
                 self.extend(time.monotonic())
                 self.forward_settles(time.monotonic())
                 self.send_forgets(time.monotonic())
-                if self.ctx.stop_requested and not self.ledger.entries:
+                if self.ctx.stop_requested and not self.ledger.entries and not self.leases.busy:
                     self.send_forgets(time.monotonic(), everything=True)
                     return 0
                 events = dict(poller.poll(self.poll_timeout(time.monotonic())))
@@ -119,13 +190,15 @@ class Leaser:
                     self.receive(time.monotonic())
                 self.report()
         finally:
+            self.leases.close()
             self.backend.close()
             sock.close()
             zctx.term()
 
     def poll_timeout(self, now: float) -> int:
         wake = now + 1.0
-        if not self.ctx.stop_requested and self.ledger.want(self.max_in_flight) > 0 and self.ledger.capacity():
+        if (not self.ctx.stop_requested and not self.leases.busy and self.ledger.want(self.max_in_flight) > 0
+                and self.ledger.capacity()):
             wake = min(wake, self.next_lease_at)
         extension = self.ledger.next_extension_at()
         if extension is not None:
@@ -138,7 +211,7 @@ class Leaser:
 
     # -- leasing -----------------------------------------------------------------------------
     def lease_due(self, now: float) -> bool:
-        if now < self.next_lease_at or not self.ledger.capacity():
+        if self.leases.busy or now < self.next_lease_at or not self.ledger.capacity():
             return False
         want = self.ledger.want(self.max_in_flight)
         if want <= 0:
@@ -148,36 +221,39 @@ class Leaser:
             return now - self.last_lease_at >= self.batch_wait
         return True
 
-    def lease(self, now: float) -> bool | None:
-        """One lease call. Returns True if tasks came, False if the queue was empty, None on error."""
+    def ask_lease(self, now: float) -> None:
+        """Ask the lease thread for as many tasks as there is room for."""
         wait = self.bucket.wait_secs(now)
         if wait > 0:
             self.next_lease_at = now + wait
-            return None
+            return
         want = min(self.ledger.want(self.max_in_flight), self.backend.limits.max_lease_batch)
+        # Wait in the backend (a long poll) only when nothing is in flight here; while tasks run,
+        # an answer must come back at once so that finished slots are refilled.
         idle = self.ledger.in_flight() == 0
-        # Block in the backend only when there is nothing else to do, and never for long: the loop
-        # must still answer its peers and signals.
         wait_secs = min(self.idle_wait, BLOCKING_WAIT_CAP_SECS) if idle and self.idle_wait else 0.0
         self.bucket.take(now)
         self.stats["lease_calls_total"] += 1
-        try:
-            tasks = self.backend.lease(want, self.lease_secs, wait_secs, self.tag)
-        except BackendError as exc:
-            self.backend_failed("lease", exc, now)
+        self.leases.ask(want, self.lease_secs, wait_secs, self.tag)
+        self.lease_waited = wait_secs
+
+    def leased(self, result: list[Leased] | BackendError, now: float) -> bool | None:
+        """Take a lease answer. Returns True if tasks came, False if the queue was empty, None on
+        error."""
+        if isinstance(result, BackendError):
+            self.backend_failed("lease", result, now)
             return None
         self.errors_in_row["lease"] = 0
-        now = time.monotonic()
         self.last_lease_at = now
-        if not tasks:
+        if not result:
             self.idle_wait = min(self.idle_cap, max(MIN_IDLE_SECS, self.idle_wait * 2))
             # a blocking backend already waited in the call; a polling one waits in our loop
-            self.next_lease_at = now if (self.blocking and wait_secs) else now + self.idle_wait
+            self.next_lease_at = now if (self.blocking and self.lease_waited) else now + self.idle_wait
             return False
         self.idle_wait = 0.0
         self.empty_checks = 0
         self.next_lease_at = now
-        too_many = self.ledger.add_leased(tasks, now)
+        too_many = self.ledger.add_leased(result, now)
         if too_many:
             self.dead_letter_now(too_many)
         return True
@@ -355,6 +431,12 @@ class Leaser:
 
     def stop_cold(self) -> int:
         """Second signal: kill running tasks, release everything not acked, and go."""
+        deadline = time.monotonic() + BLOCKING_WAIT_CAP_SECS + 1.0
+        while self.leases.busy and time.monotonic() < deadline:  # an answer on its way: take it too
+            for result, at in self.leases.answers():
+                if not isinstance(result, BackendError):
+                    self.ledger.add_leased(result, at)
+            time.sleep(0.01)
         for peer in list(self.ledger.peers):
             if self.ledger.peers[peer].kind == "executor":
                 self.send(peer, p.Abort([], "cold shutdown"))
@@ -378,6 +460,8 @@ class Leaser:
             return
         self.reported_at = now
         stats = dict(self.stats)
+        for key, value in dict(self.stats_for_leases).items():  # the lease thread's backend timings
+            stats[key] = stats.get(key, 0) + value if isinstance(value, (int, float)) else value
         stats.update(self.ledger.counters)
         stats.update(self.ledger.gauges())
         self.ctx.report(stats)

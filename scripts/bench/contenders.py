@@ -347,12 +347,17 @@ class SeedPort(Contender):
 
 
 # -- command floor ---------------------------------------------------------------------------------
-class Xargs(Contender):
-    name = "xargs-P2"
-    note = "seq N | xargs -P 2 -n 1 /bin/true"
+class CommandFloor(Contender):
+    """A bare way to run /bin/true N times on 2 processes: only in the command table."""
+
     exits_when_done = True
     done_by_exit = True
     modes = ("command",)
+
+
+class Xargs(CommandFloor):
+    name = "xargs-P2"
+    note = "seq N | xargs -P 2 -n 1 /bin/true"
 
     def start(self, ctx: RunContext) -> Procs:
         args = ctx.rundir / "args"
@@ -360,12 +365,9 @@ class Xargs(Contender):
         return [spawn(["xargs", "-P", "2", "-n", "1", "/bin/true"], ctx, "xargs.log", stdin_path=args)]
 
 
-class SpawnLoop(Contender):
+class SpawnLoop(CommandFloor):
     name = "subprocess-run"
     note = "2 processes, each subprocess.run(['/bin/true']) N/2 times"
-    exits_when_done = True
-    done_by_exit = True
-    modes = ("command",)
 
     def start(self, ctx: RunContext) -> Procs:
         return [spawn([python(), str(ctx.bench_dir / "spawn_loop.py"), str(ctx.n), "/bin/true"], ctx,
