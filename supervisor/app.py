@@ -29,7 +29,7 @@ from supervisor.exits import EXIT_GAVE_UP, EXIT_OK, EXIT_USAGE
 from supervisor.logconfig import setup_logging
 from supervisor.rundir import RuntimeDirError, runtime_dir
 from supervisor.spec import ChildSpec, SupervisorStart, SupFlags
-from supervisor.sweep import TREE_VAR, new_token, start_guard
+from supervisor.sweep import TREE_VAR, new_token
 
 log = logging.getLogger("root")
 
@@ -145,11 +145,9 @@ def run(cfg: Config, burst: bool = False) -> int:
         print(f"supervise: {exc}", file=sys.stderr)
         return EXIT_USAGE
     flags, children = build_tree(cfg, burst)
-    # Before any thread or socket exists: mark every descendant and fork the guard that kills
-    # them all if this process dies, even by SIGKILL.
-    token = new_token()
-    os.environ[TREE_VAR] = token
-    guard_pipe = start_guard(token)
+    # Mark every descendant: if this process dies, even by SIGKILL, the tree's guard
+    # (supervisor/runner.py) kills every process that carries the mark.
+    os.environ[TREE_VAR] = new_token()
     log.info("starting: queue %s (%s), %d executors, runtime dir %s", redact_url(cfg.queue.url),
              cfg.queue.name, executor_count(cfg), folder)
     probe = QueueProbe(cfg.queue.url, cfg.queue.name, cfg.base_dir) if cfg.metrics.listen else None
@@ -162,8 +160,6 @@ def run(cfg: Config, burst: bool = False) -> int:
     except (TreeAlreadyRunning, MetricsError) as exc:
         print(f"supervise: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    finally:
-        os.close(guard_pipe)
 
 
 def _call(cfg: Config, command: str, args: dict[str, Any], timeout: float = 5.0) -> Any:

@@ -23,7 +23,7 @@ from typing import Any
 
 import multiprocess
 
-from supervisor import reasons
+from supervisor import reasons, sweep
 from supervisor.child import child_main, set_parent_death_signal
 from supervisor.events import Exited, Started, StartFailed, StartWorker
 from supervisor.heartbeat import Liveness, StatsBook
@@ -111,6 +111,11 @@ def _guard_main(read_fd: int, write_fd: int, root_pid: int) -> None:  # pragma: 
                 os.killpg(pgid, signal.SIGKILL)
             except OSError:
                 pass
+        # What left every group (a task that called setsid, a daemonised grandchild) still carries
+        # the tree's marker in its environment (supervisor/sweep.py).
+        token = os.environ.get(sweep.TREE_VAR)
+        if token:
+            sweep.kill_all(lambda: sweep.processes_with(sweep.TREE_VAR, token))
         os._exit(0)
 
 

@@ -5,9 +5,9 @@ starts ``sleep``, a program that daemonises or calls setsid) escape both. What t
 their environment: the root puts a marker in ``LEASETREE_TREE`` before it forks anything, and every
 descendant inherits it. Two sweeps use it:
 
-- the guard: a small process forked first, in a session of its own, that waits on a pipe only the
-  root's family holds; when the root dies (``kill -9`` included) and the pipe closes, it kills every
-  process that carries the tree's marker, then exits;
+- the tree's guard (``supervisor/runner.py``): a small process forked by the root that waits on a
+  pipe; when the root dies (``kill -9`` included) it kills the tracked process groups and then every
+  process that carries the tree's marker;
 - an executor at start kills what is left of its previous incarnation (``LEASETREE_CHILD``), so a
   task of a dead executor never runs on beside the task's next delivery.
 """
@@ -70,35 +70,6 @@ def kill_all(pids_of, deadline_secs: float = SWEEP_SECS) -> int:
                 pass
         time.sleep(0.01)  # give the kernel a moment to reap before looking again
     return killed
-
-
-def start_guard(token: str) -> int:
-    """Fork the guard for the tree marked ``token``; returns the write end of its pipe, which the
-    caller keeps open for its whole life (and passes to no exec'd program: it is close-on-exec).
-
-    Call before any thread or zmq context exists in this process: the guard is a plain fork.
-    """
-    read_end, write_end = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:  # the guard
-        try:
-            os.close(write_end)
-            os.setsid()
-            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-                signal.signal(signum, signal.SIG_IGN)
-            # The marker is in our environment too; drop it so we never count ourselves.
-            os.environ.pop(TREE_VAR, None)
-            while True:
-                try:
-                    if not os.read(read_end, 64):
-                        break
-                except InterruptedError:
-                    continue
-            kill_all(lambda: processes_with(TREE_VAR, token))
-        finally:
-            os._exit(0)
-    os.close(read_end)
-    return write_end
 
 
 def sweep_predecessors(child_id: str, token: str | None) -> int:

@@ -1,5 +1,5 @@
-"""The guard kills every descendant of a tree whose root died by SIGKILL, setsid'd grandchildren
-included; an executor's next incarnation kills what its predecessor's tasks left."""
+"""The tree's guard kills every descendant of a tree whose root died by SIGKILL, setsid'd
+grandchildren included; an executor's next incarnation kills what its predecessor's tasks left."""
 
 import os
 import signal
@@ -18,9 +18,9 @@ ROOT = textwrap.dedent("""
     import os, subprocess, sys, time
     sys.path.insert(0, {repo!r})
     from supervisor import sweep
-    token = sweep.new_token()
-    os.environ[sweep.TREE_VAR] = token
-    keep = sweep.start_guard(token)
+    from supervisor.runner import GroupGuard
+    os.environ[sweep.TREE_VAR] = sweep.new_token()
+    guard = GroupGuard()  # what the root starts; it kills marked processes when the root dies
     # a grandchild that leaves our process group and session, and its own child
     p = subprocess.Popen(["/bin/sh", "-c", "sleep 300 & echo $!; exec sleep 301"],
                          stdout=subprocess.PIPE, start_new_session=True)
