@@ -28,7 +28,8 @@ from supervisor.instrument import instrument
 from supervisor.rundir import endpoint
 
 MIN_IDLE_SECS = 0.01  # first wait after an empty lease; doubles up to leaser.idle_poll_secs
-BLOCKING_WAIT_CAP_SECS = 0.25  # a blocking lease never holds the loop longer than this
+BLOCKING_WAIT_CAP_SECS = 2.0  # the longest long poll the lease thread is asked for
+WAIT_SLICE_SECS = 0.25  # it looks at ``stopping`` at least this often
 MAX_ERROR_BACKOFF_SECS = 30.0
 BURST_EMPTY_CHECKS = 2
 FORGET_SECS = 0.1
@@ -49,6 +50,7 @@ class LeaseThread:
         self.results: queue.SimpleQueue[tuple[list[Leased] | BackendError, float]] = queue.SimpleQueue()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.busy = False
+        self.stopping = False
         self.thread = threading.Thread(target=self._serve, name="lease", daemon=True)
         self.thread.start()
 
@@ -79,7 +81,7 @@ class LeaseThread:
                 return
             max_tasks, lease_secs, wait_secs, tag = request
             try:
-                result: list[Leased] | BackendError = self.backend.lease(max_tasks, lease_secs, wait_secs, tag)
+                result: list[Leased] | BackendError = self._lease(max_tasks, lease_secs, wait_secs, tag)
             except BackendError as exc:
                 result = exc
             self.results.put((result, time.monotonic()))
@@ -88,9 +90,25 @@ class LeaseThread:
             except BlockingIOError:
                 pass
 
+    def _lease(self, max_tasks: int, lease_secs: float, wait_secs: float, tag: str | None) -> list[Leased]:
+        """Lease now; if nothing is there, wait for work with the backend's read-only watch
+        (``wait_for_work``) in short slices, leasing again only when it says something changed.
+        An idle tree so costs a lease transaction per ``wait_secs``, and a stop is seen within a
+        slice."""
+        tasks = self.backend.lease(max_tasks, lease_secs, 0.0, tag)
+        deadline = time.monotonic() + wait_secs
+        while not tasks and not self.stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if self.backend.wait_for_work(min(WAIT_SLICE_SECS, remaining)):
+                tasks = self.backend.lease(max_tasks, lease_secs, 0.0, tag)
+        return tasks
+
     def close(self) -> None:
+        self.stopping = True
         self.requests.put(None)
-        self.thread.join(timeout=BLOCKING_WAIT_CAP_SECS + 5)
+        self.thread.join(timeout=WAIT_SLICE_SECS + 5)
         self.backend.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
@@ -165,6 +183,7 @@ class Leaser:
                 if self.ctx.stop_requested >= 2:
                     return self.stop_cold()
                 if self.ctx.stop_requested:
+                    self.leases.stopping = True  # an idle long poll returns within a slice
                     self.release_held("warm shutdown")
                 elif self.lease_due(now):
                     self.ask_lease(now)
@@ -228,10 +247,10 @@ class Leaser:
             self.next_lease_at = now + wait
             return
         want = min(self.ledger.want(self.max_in_flight), self.backend.limits.max_lease_batch)
-        # Wait in the backend (a long poll) only when nothing is in flight here; while tasks run,
-        # an answer must come back at once so that finished slots are refilled.
-        idle = self.ledger.in_flight() == 0
-        wait_secs = min(self.idle_wait, BLOCKING_WAIT_CAP_SECS) if idle and self.idle_wait else 0.0
+        # After an empty answer, wait in the backend (a long poll that returns the moment work
+        # arrives) rather than sleep here: the call is on its own thread, so the loop runs on, and
+        # an enqueue reaches an executor in milliseconds. Capped so a stop is never held long.
+        wait_secs = min(self.idle_wait, BLOCKING_WAIT_CAP_SECS) if self.blocking else 0.0
         self.bucket.take(now)
         self.stats["lease_calls_total"] += 1
         self.leases.ask(want, self.lease_secs, wait_secs, self.tag)
@@ -248,7 +267,7 @@ class Leaser:
         if not result:
             self.idle_wait = min(self.idle_cap, max(MIN_IDLE_SECS, self.idle_wait * 2))
             # a blocking backend already waited in the call; a polling one waits in our loop
-            self.next_lease_at = now if (self.blocking and self.lease_waited) else now + self.idle_wait
+            self.next_lease_at = now if self.blocking else now + self.idle_wait
             return False
         self.idle_wait = 0.0
         self.empty_checks = 0
@@ -431,7 +450,8 @@ class Leaser:
 
     def stop_cold(self) -> int:
         """Second signal: kill running tasks, release everything not acked, and go."""
-        deadline = time.monotonic() + BLOCKING_WAIT_CAP_SECS + 1.0
+        self.leases.stopping = True
+        deadline = time.monotonic() + WAIT_SLICE_SECS + 1.0
         while self.leases.busy and time.monotonic() < deadline:  # an answer on its way: take it too
             for result, at in self.leases.answers():
                 if not isinstance(result, BackendError):

@@ -6,8 +6,8 @@
 
 The queue is filled before the clock starts; the time runs from starting `supervise` to its exit, so
 start-up and shutdown (about 0.3 s) are included. CPU is that of the whole tree (root, guard, leaser,
-executors, reaper) from getrusage of the waited-for process tree; RSS is sampled every 50 ms over
-every process of the tree.
+executors, reaper) from getrusage of the waited-for process tree; memory is sampled every 50 ms
+over every process of the tree, as the sum of RSS and the sum of PSS (shared pages split).
 """
 
 from __future__ import annotations
@@ -51,46 +51,54 @@ def fill(config: Path, count: int) -> None:
             backend.enqueue([b"x"] * min(5000, count - start))
 
 
-def tree_rss_kb(root: int) -> int:
-    """Resident memory of ``root`` and all its descendants."""
+def tree_memory_kb(root: int) -> tuple[int, int]:
+    """(RSS, PSS) of ``root`` and all its descendants, in KiB. RSS counts a page shared by forked
+    processes once per process; PSS splits it among them, so the PSS sum is what the tree really
+    holds."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    page_kb = os.sysconf("SC_PAGE_SIZE") // 1024
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat", "rb") as handle:
                 fields = handle.read().rsplit(b")", 1)[1].split()
-            with open(f"/proc/{entry}/statm") as handle:
-                rss[int(entry)] = int(handle.read().split()[1]) * page_kb
         except OSError:
             continue
         children.setdefault(int(fields[1]), []).append(int(entry))
-    total, stack = 0, [root]
+    rss = pss = 0
+    stack = [root]
     while stack:
         pid = stack.pop()
-        total += rss.get(pid, 0)
         stack.extend(children.get(pid, []))
-    return total
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as handle:
+                for line in handle:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+        except OSError:
+            continue
+    return rss, pss
 
 
-def run_once(config: Path, count: int) -> tuple[float, float, int]:
+def run_once(config: Path, count: int) -> tuple[float, float, int, int]:
     fill(config, count)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-m", "supervisor", "run", "--burst", str(config)],
                                cwd=REPO)
-    peak = 0
+    peak_rss = peak_pss = 0
     while process.poll() is None:
-        peak = max(peak, tree_rss_kb(process.pid))
+        rss, pss = tree_memory_kb(process.pid)
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
         time.sleep(0.05)
     elapsed = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if process.returncode != 0:
         raise SystemExit(f"supervise exited {process.returncode}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return count / elapsed, cpu / count * 1000, peak
+    return count / elapsed, cpu / count * 1000, peak_rss, peak_pss
 
 
 def main() -> int:
@@ -113,11 +121,14 @@ def main() -> int:
             runs = [run_once(config, count) for _ in range(args.repeat)]
             rates = [r[0] for r in runs]
             rows.append((label, count, statistics.median(rates), min(rates), max(rates),
-                         statistics.median(r[1] for r in runs), max(r[2] for r in runs) / 1024))
+                         statistics.median(r[1] for r in runs), max(r[2] for r in runs) / 1024,
+                         max(r[3] for r in runs) / 1024))
     print(f"backend: {args.backend}, 2 executors, {args.repeat} runs each")
-    print(f"{'tasks':<18} {'N':>8} {'median/s':>10} {'min–max/s':>17} {'CPU s/1k':>9} {'peak RSS MB':>12}")
-    for label, count, median, low, high, cpu, rss in rows:
-        print(f"{label:<18} {count:>8} {median:>10,.0f} {f'{low:,.0f}–{high:,.0f}':>17} {cpu:>9.3f} {rss:>12.1f}")
+    print(f"{'tasks':<18} {'N':>8} {'median/s':>10} {'min–max/s':>17} {'CPU s/1k':>9} "
+          f"{'peak RSS MB':>12} {'peak PSS MB':>12}")
+    for label, count, median, low, high, cpu, rss, pss in rows:
+        print(f"{label:<18} {count:>8} {median:>10,.0f} {f'{low:,.0f}–{high:,.0f}':>17} {cpu:>9.3f} "
+              f"{rss:>12.1f} {pss:>12.1f}")
     return 0
 
 
