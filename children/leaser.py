@@ -134,7 +134,6 @@ class Leaser:
         self.tag = lc.tag or None
         self.stats_for_leases: dict[str, Any] = {}  # the lease thread's own counters (no sharing)
         self.backend = open_backend(cfg.queue.url, cfg.queue.name, cfg.base_dir)
-        self.blocking = self.backend.limits.blocking_lease
         self.leases = LeaseThread(instrument(open_backend(cfg.queue.url, cfg.queue.name, cfg.base_dir),
                                              self.stats_for_leases))
         self.ledger = Ledger(Policy(self.lease_secs, float(lc.max_lease_secs), int(cfg.retry.max_attempts),
@@ -250,7 +249,7 @@ class Leaser:
         # After an empty answer, wait in the backend (a long poll that returns the moment work
         # arrives) rather than sleep here: the call is on its own thread, so the loop runs on, and
         # an enqueue reaches an executor in milliseconds. Capped so a stop is never held long.
-        wait_secs = min(self.idle_wait, BLOCKING_WAIT_CAP_SECS) if self.blocking else 0.0
+        wait_secs = min(self.idle_wait, BLOCKING_WAIT_CAP_SECS)
         self.bucket.take(now)
         self.stats["lease_calls_total"] += 1
         self.leases.ask(want, self.lease_secs, wait_secs, self.tag)
@@ -266,8 +265,8 @@ class Leaser:
         self.last_lease_at = now
         if not result:
             self.idle_wait = min(self.idle_cap, max(MIN_IDLE_SECS, self.idle_wait * 2))
-            # a blocking backend already waited in the call; a polling one waits in our loop
-            self.next_lease_at = now if self.blocking else now + self.idle_wait
+            # the call itself waited (``wait_for_work`` wakes at once on work): ask again now
+            self.next_lease_at = now
             return False
         self.idle_wait = 0.0
         self.empty_checks = 0
