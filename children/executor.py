@@ -321,7 +321,8 @@ class Executor:
         observe(self.stats, "task_seconds", "ok" if ok else "failed", seconds)  # metrics histogram
         if not ok:
             self.stats["failed_total"] += 1
-            self.log.info("task %s attempt %d failed: %s", task_id, item[3], error, extra={"task_id": task_id})
+            self.log.info("task %s attempt %d failed: %s", task_id, item[3], error,
+                          extra={"task_id": task_id})
         elif self.debug:
             self.log.debug("task %s attempt %d ok in %.1f ms: output %r", task_id, item[3], seconds * 1000,
                            output[:60], extra={"task_id": task_id})

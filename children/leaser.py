@@ -298,7 +298,8 @@ class Leaser:
                                                 for t in tasks])
             self.stats["dead_lettered_total"] += len(receipts)
         except BackendError as exc:
-            self.log.warning("dead-lettering %d tasks failed, their leases will expire: %s", len(receipts), exc)
+            self.log.warning("dead-lettering %d tasks failed, their leases will expire: %s",
+                             len(receipts), exc)
 
     def backend_failed(self, call: str, exc: BackendError, now: float) -> None:
         """Back off the failed kind of call. Extensions retry within a fraction of the lease, since

@@ -472,5 +472,6 @@ class Ledger:
         running = sum(1 for e in self.entries.values() if e.state == RUNNING)
         finished = sum(1 for e in self.entries.values() if e.state == FINISHED)
         return {"in_flight": len(self.entries), "held": len(self.held), "running": running,
-                "unsettled": finished, "executors": sum(1 for p in self.peers.values() if p.kind == "executor"),
+                "unsettled": finished,
+                "executors": sum(1 for p in self.peers.values() if p.kind == "executor"),
                 "capacity": self.capacity()}

@@ -102,7 +102,8 @@ def run_once(config: Path, count: int) -> tuple[float, float, int, int]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=100_000)
     parser.add_argument("--commands", type=int, default=5_000)
     parser.add_argument("--repeat", type=int, default=3)

@@ -37,7 +37,7 @@ class BackendUnavailable(BackendError):
     """A transient fault: retry the same call later with backoff."""
 
 
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     """What happened to one receipt in a mutating call."""
 
     OK = "ok"  # done (or already done by an earlier identical call)
@@ -45,7 +45,7 @@ class Outcome(str, enum.Enum):
     RETRY = "retry"  # this item failed transiently; call again for it later
 
 
-class TaskState(str, enum.Enum):
+class TaskState(enum.StrEnum):
     READY = "ready"  # visible, can be leased now
     LEASED = "leased"  # held by a lease that has not expired
     DELAYED = "delayed"  # will become ready at a later time (enqueue delay or release backoff)
@@ -189,7 +189,7 @@ class Backend(ABC):
         time.sleep(max(0.0, timeout_secs))
         return False
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: most backends have something to close
         """Release connections. Idempotent."""
 
     def __enter__(self) -> Backend:

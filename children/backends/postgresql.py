@@ -333,7 +333,8 @@ class PostgresBackend(Backend):
         delays = ([float(delay_secs)] * len(receipts) if isinstance(delay_secs, int | float)
                   else [float(d) for d in delay_secs])
         errs = list(errors) if errors is not None else [None] * len(receipts)
-        return self._settle(_RELEASE, receipts, {"channel": self._channel, "uncount": 0 if count_attempt else 1},
+        params = {"channel": self._channel, "uncount": 0 if count_attempt else 1}
+        return self._settle(_RELEASE, receipts, params,
                             {"delays": delays, "errors": errs})
 
     def dead_letter(self, receipts: Sequence[str], reason: str | Sequence[str]) -> dict[str, Outcome]:

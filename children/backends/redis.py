@@ -229,7 +229,9 @@ for i = 4, #ARGV, 5 do
       elseif op == 'release' then
         if ARGV[i + 3] == '1' then redis.call('HSET', k, 'r', ARGV[i + 4]) end
         -- lease_ms < 0 on a release: the delivery never started the task, take it back
-        if lease < 0 and tonumber(redis.call('HGET', k, 'n') or '0') > 0 then redis.call('HINCRBY', k, 'n', -1) end
+        if lease < 0 and tonumber(redis.call('HGET', k, 'n') or '0') > 0 then
+          redis.call('HINCRBY', k, 'n', -1)
+        end
         local delay = tonumber(ARGV[i + 2])
         if delay > 0 then
           redis.call('HSET', k, 's', 'd', 'v', now + delay)

@@ -109,7 +109,7 @@ def test_failing_task_is_retried_with_backoff_then_dead_lettered_and_flaky_succe
         assert tree.wait_exit(timeout=60) == 0, tree.output()
     lines = [line.split() for line in record.read_text().splitlines()]
     attempts = {}
-    for task_id, attempt, _pid, payload in lines:
+    for _task_id, attempt, _pid, payload in lines:
         attempts.setdefault(payload, []).append(int(attempt))
     assert attempts["b'fail'"] == [1, 2, 3]
     assert attempts["b'flaky:3'"] == [1, 2, 3]
@@ -219,7 +219,7 @@ def test_task_longer_than_its_lease_runs_once_with_a_second_tree_on_the_queue(tm
     second = write_config(tmp_path, "b.toml", leaser={"lease_secs": 1}, executors={"count": 1})
     record = tmp_path / "runs.txt"
     enqueue(first, ["sleep:4"])
-    with RunningTree(first, record) as a:
+    with RunningTree(first, record):
         wait_until(lambda: len(records(record)) == 1, 30, "the task to start on tree a")
         with RunningTree(second, record) as b:
             b.wait_ready()
@@ -329,8 +329,8 @@ def test_repeated_warm_stops_do_not_use_up_the_attempts_of_tasks_that_never_star
     enqueue(config, ["sleep:0.05"] * 150)
     for _ in range(4):  # each stop releases the ~60 leased tasks that had not started
         with RunningTree(config, record) as tree:
-            before = len(records(record))
-            wait_until(lambda: len(records(record)) >= before + 2, 30, "tasks to start")
+            target = len(records(record)) + 2
+            wait_until(lambda target=target: len(records(record)) >= target, 30, "tasks to start")
             tree.signal(signal.SIGTERM)
             assert tree.wait_exit(timeout=60) == 0, tree.output()
     with RunningTree(config, record, burst=True) as tree:
