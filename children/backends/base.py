@@ -23,6 +23,18 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+
+def per_item(value: Any, count: int, what: str) -> list:
+    """One value per receipt: ``value`` repeated when it is a single value, else the sequence
+    itself, which must have ``count`` items (ValueError naming ``what`` otherwise)."""
+    if isinstance(value, (str, int, float)):
+        return [value] * count
+    items = list(value)
+    if len(items) != count:
+        raise ValueError(f"{what}: {len(items)} values for {count} receipts")
+    return items
 
 
 class BackendError(Exception):

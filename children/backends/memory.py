@@ -32,15 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from children.backends.base import (
-    Backend,
-    Leased,
-    Limits,
-    Outcome,
-    QueueStats,
-    TaskInfo,
-    TaskState,
-)
+from children.backends.base import Backend, Leased, Limits, Outcome, QueueStats, TaskInfo, TaskState, per_item
 
 Clock = Callable[[], float]
 
@@ -158,13 +150,6 @@ _shared: dict[tuple[str, str], _Store] = {}
 _shared_lock = threading.Lock()
 
 
-def _per_item(value: float | str | Sequence, count: int, what: str) -> list:
-    if isinstance(value, (str, int, float)):
-        return [value] * count
-    items = list(value)
-    if len(items) != count:
-        raise ValueError(f"{what}: {len(items)} values for {count} receipts")
-    return items
 
 
 class MemoryBackend(Backend):
@@ -255,8 +240,8 @@ class MemoryBackend(Backend):
 
     def release(self, receipts: Sequence[str], delay_secs: float | Sequence[float] = 0.0,
                 errors: Sequence[str] | None = None, count_attempt: bool = True) -> dict[str, Outcome]:
-        delays = _per_item(delay_secs, len(receipts), "release delay_secs")
-        errs = _per_item(errors, len(receipts), "release errors") if errors is not None else None
+        delays = per_item(delay_secs, len(receipts), "release delay_secs")
+        errs = per_item(errors, len(receipts), "release errors") if errors is not None else None
 
         def give_back(i: int, task: _Task, now: float) -> None:
             task.token, task.leased = 0, False
@@ -269,7 +254,7 @@ class MemoryBackend(Backend):
         return self._settle(receipts, give_back, wake=True)
 
     def dead_letter(self, receipts: Sequence[str], reason: str | Sequence[str]) -> dict[str, Outcome]:
-        reasons = _per_item(reason, len(receipts), "dead_letter reason")
+        reasons = per_item(reason, len(receipts), "dead_letter reason")
 
         def bury(i: int, task: _Task, now: float) -> None:
             task.token, task.leased, task.dead_reason = 0, False, reasons[i]

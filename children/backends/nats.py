@@ -62,6 +62,7 @@ from children.backends.base import (
     Leased,
     Limits,
     Outcome,
+    per_item,
 )
 from children.backends.nats_admin import _KINDS, _UNTAGGED, NatsAdmin
 
@@ -73,13 +74,6 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())[:1000]  # a header value is one line
 
 
-def _per_item(value: Any, count: int, what: str) -> list:
-    if isinstance(value, (str, int, float)):
-        return [value] * count
-    items = list(value)
-    if len(items) != count:
-        raise ValueError(f"{what}: {len(items)} values for {count} receipts")
-    return items
 
 
 def _not_found(exc: Exception) -> bool:
@@ -456,8 +450,8 @@ class NatsBackend(NatsAdmin, Backend):
     def release(self, receipts: Sequence[str], delay_secs: float | Sequence[float] = 0.0,
                 errors: Sequence[str] | None = None, count_attempt: bool = True) -> dict[str, Outcome]:
         # count_attempt is ignored: JetStream counts deliveries itself and cannot take a delivery back
-        delays = _per_item(delay_secs, len(receipts), "release delay_secs")
-        errs = _per_item("" if errors is None else errors, len(receipts), "release errors")
+        delays = per_item(delay_secs, len(receipts), "release delay_secs")
+        errs = per_item("" if errors is None else errors, len(receipts), "release errors")
         return self._run(self._release(list(receipts), [float(d) for d in delays], errs))
 
     async def _release(self, receipts: list[str], delays: list[float], errs: list[str]) -> dict[str, Outcome]:
@@ -477,7 +471,7 @@ class NatsBackend(NatsAdmin, Backend):
         return out
 
     def dead_letter(self, receipts: Sequence[str], reason: str | Sequence[str]) -> dict[str, Outcome]:
-        reasons = _per_item(reason, len(receipts), "dead_letter reason")
+        reasons = per_item(reason, len(receipts), "dead_letter reason")
         died = f"{time.time():.6f}"
         return self._run(self._move(list(receipts), "dead", [
             {"Lt-Reason": _one_line(why), "Lt-Died": died} for why in reasons]))

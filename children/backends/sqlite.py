@@ -63,6 +63,7 @@ from children.backends.base import (
     QueueStats,
     TaskInfo,
     TaskState,
+    per_item,
 )
 
 SCHEMA_VERSION = 1
@@ -406,8 +407,8 @@ class SqliteBackend(Backend):
 
     def release(self, receipts: Sequence[str], delay_secs: float | Sequence[float] = 0.0,
                 errors: Sequence[str] | None = None, count_attempt: bool = True) -> dict[str, Outcome]:
-        delays = _per_item(delay_secs, len(receipts), "release delay_secs")
-        errs = _per_item(errors, len(receipts), "release errors") if errors is not None else None
+        delays = per_item(delay_secs, len(receipts), "release delay_secs")
+        errs = per_item(errors, len(receipts), "release errors") if errors is not None else None
         now = time.time()
         rows = []
         for i, receipt in enumerate(receipts):
@@ -420,7 +421,7 @@ class SqliteBackend(Backend):
                   + " WHERE +queue = ? AND id = ? AND token = ? AND leased = 1")
 
     def dead_letter(self, receipts: Sequence[str], reason: str | Sequence[str]) -> dict[str, Outcome]:
-        reasons = _per_item(reason, len(receipts), "dead_letter reason")
+        reasons = per_item(reason, len(receipts), "dead_letter reason")
         return self._settle_each(
             [(reasons[i], receipt) for i, receipt in enumerate(receipts)],
             "UPDATE tasks SET visible_at = NULL, leased = 0, token = random(), dead_reason = ? "
@@ -545,10 +546,3 @@ class SqliteBackend(Backend):
             conn.close()
 
 
-def _per_item(value: float | str | Sequence, count: int, what: str) -> list:
-    if isinstance(value, (str, int, float)):
-        return [value] * count
-    items = list(value)
-    if len(items) != count:
-        raise ValueError(f"{what}: {len(items)} values for {count} receipts")
-    return items

@@ -65,6 +65,7 @@ from children.backends.base import (
     QueueStats,
     TaskInfo,
     TaskState,
+    per_item,
 )
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,75}")
@@ -83,13 +84,6 @@ _UNAVAILABLE = {"Throttling", "ThrottlingException", "RequestThrottled", "Servic
                 "AWS.SimpleQueueService.PurgeQueueInProgress", "RequestTimeout"}
 
 
-def _per_item(value: Any, count: int, what: str) -> list:
-    if isinstance(value, (str, int, float)):
-        return [value] * count
-    items = list(value)
-    if len(items) != count:
-        raise ValueError(f"{what}: {len(items)} values for {count} receipts")
-    return items
 
 
 def _one_line(text: str) -> str:
@@ -260,9 +254,9 @@ class SqsBackend(Backend):
     def release(self, receipts: Sequence[str], delay_secs: float | Sequence[float] = 0.0,
                 errors: Sequence[str] | None = None, count_attempt: bool = True) -> dict[str, Outcome]:
         # count_attempt is ignored: SQS counts receives itself and cannot take a delivery back
-        delays = _per_item(delay_secs, len(receipts), "release delay_secs")
+        delays = per_item(delay_secs, len(receipts), "release delay_secs")
         delay_of = dict(zip(receipts, delays, strict=True))
-        error_of = dict(zip(receipts, _per_item(errors if errors is not None else "", len(receipts),
+        error_of = dict(zip(receipts, per_item(errors if errors is not None else "", len(receipts),
                                                 "release errors"), strict=True))
         # visible again at once and nothing to note: the message stays, one cheap call. Otherwise it
         # is sent anew (DelaySeconds: SQS counts it DELAYED) with its attempts and error attached.
@@ -278,7 +272,7 @@ class SqsBackend(Backend):
         return out
 
     def dead_letter(self, receipts: Sequence[str], reason: str | Sequence[str]) -> dict[str, Outcome]:
-        reason_of = dict(zip(receipts, _per_item(reason, len(receipts), "dead_letter reason"), strict=True))
+        reason_of = dict(zip(receipts, per_item(reason, len(receipts), "dead_letter reason"), strict=True))
         died = f"{time.time():.6f}"
         return self._move(list(receipts), self._dead_url, lambda r, p: {"MessageAttributes": _attrs(
             lt_id=p[1], lt_tag=p[2], lt_enq=p[3], lt_attempts=p[4], lt_error=p[5],
