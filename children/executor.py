@@ -89,6 +89,9 @@ class Executor:
         self.serial = 0
         self.workdir = Path(ctx.runtime_dir) / "work" / self.name
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # Tasks are spawned without closing descriptors one by one (children/tasks.py): make sure
+        # nothing this process inherited (from whoever started the tree) leaks into them.
+        _no_inheritance()
         # what a dead predecessor left running (a task's own children) must not run on
         leftovers = sweep_predecessors(self.name, os.environ.get(TREE_VAR))
         if leftovers:
@@ -410,6 +413,17 @@ class Executor:
         self.stats["running"] = len(self.commands) + len(self.threads)
         self.stats["queued"] = len(self.queue)
         self.ctx.report(self.stats)
+
+
+def _no_inheritance() -> None:
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            try:
+                if os.get_inheritable(fd):
+                    os.set_inheritable(fd, False)
+            except OSError:
+                pass  # the listing's own descriptor, already closed
 
 
 def _raise_timeout(signum: int, frame: Any) -> None:

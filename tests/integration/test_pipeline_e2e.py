@@ -338,3 +338,14 @@ def test_repeated_warm_stops_do_not_use_up_the_attempts_of_tasks_that_never_star
     stats = queue_stats(config)
     assert (stats.ready, stats.leased, stats.dead) == (0, 0, 0)
     assert len(records(record)) == 150
+
+
+def test_a_command_task_inherits_only_stdin_stdout_and_stderr(tmp_path, http_sink):
+    url, recorder = http_sink
+    lister = "import os, sys; fds = os.listdir('/proc/self/fd'); open(sys.argv[2], 'w').write(' '.join(fds))"
+    config = write_config(tmp_path, executors={"command": [sys.executable, "-c", lister], "output_url": url})
+    enqueue(config, ["x"])
+    with RunningTree(config, burst=True) as tree:
+        assert tree.wait_exit(timeout=60) == 0, tree.output()
+    (listing,) = recorder.posts.values()
+    assert set(listing.split()) == {b"0", b"1", b"2", b"3"}  # 3: the listing's own descriptor
