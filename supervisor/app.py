@@ -202,7 +202,7 @@ def format_status(result: dict[str, Any]) -> str:
     for child in result.get("children", []):
         uptime = child.get("uptime")
         lines.append(f"{child.get('id', '?'):<14} {child.get('pid') or '-':>7} {child.get('state', '?'):<11} "
-                     f"{child.get('restarts', 0):>8} {_duration(uptime):>9}")
+                     f"{child.get('restarts', 0):>8} {duration(uptime):>9}")
     stats = result.get("stats", {})
     leaser, reaper = stats.get("leaser", {}), stats.get("reaper", {})
     executors = [v for k, v in stats.items() if k.startswith("executor.")]
@@ -251,7 +251,8 @@ def reload(cfg: Config) -> int:
     return EXIT_OK
 
 
-def _duration(secs: Any) -> str:
+def duration(secs: Any) -> str:
+    """An uptime for people: 42s, 3m07s, 5h02m."""
     if not isinstance(secs, (int, float)):
         return "-"
     secs = int(secs)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from config.schema import Config
+from supervisor.app import duration
 from supervisor.exits import EXIT_GAVE_UP, EXIT_OK, EXIT_USAGE
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -76,7 +77,7 @@ def build_frame(status: dict[str, Any], now: dict[int, ProcSample], before: dict
         worker = row.get("type", "worker") == "worker"
         pid = row.get("pid") if worker else None
         rows.append((name, str(row.get("pid") or "-") if worker else "(root)", str(row.get("state", "?")),
-                     str(row.get("restarts", 0)), _duration(row.get("uptime")), cpu(pid), rss(pid)))
+                     str(row.get("restarts", 0)), duration(row.get("uptime")), cpu(pid), rss(pid)))
     stats = status.get("stats", {})
     leaser, reaper = stats.get("leaser", {}), stats.get("reaper", {})
     executors = [v for k, v in stats.items() if k.startswith("executor.")]
@@ -106,17 +107,6 @@ def _bytes(n: int) -> str:
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
         n /= 1024
     return str(n)
-
-
-def _duration(secs: Any) -> str:
-    if not isinstance(secs, (int, float)):
-        return "-"
-    secs = int(secs)
-    if secs < 60:
-        return f"{secs}s"
-    if secs < 3600:
-        return f"{secs // 60}m{secs % 60:02d}s"
-    return f"{secs // 3600}h{secs % 3600 // 60:02d}m"
 
 
 def render(frame: Frame, title: str) -> Any:

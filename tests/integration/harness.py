@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from children.backends import open_backend
+from supervisor import sweep
 
 HERE = Path(__file__).resolve().parent
 SUPERVISE = [sys.executable, "-m", "supervisor"]
@@ -179,19 +180,6 @@ def _walk(children: list[dict[str, Any]]):
 
 
 def processes_with_env(marker: str) -> list[int]:
-    """Pids of live processes whose environment contains ``marker`` (e.g. ``KEY=value``)."""
-    found = []
-    needle = marker.encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as handle:
-                environ = handle.read().split(b"\0")
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                state = handle.read().rsplit(b")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if needle in environ and state != b"Z":
-            found.append(int(entry))
-    return found
+    """Pids of live processes whose environment contains ``marker`` (``KEY=value``)."""
+    variable, _, value = marker.partition("=")
+    return sweep.processes_with(variable, value)
