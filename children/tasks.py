@@ -143,6 +143,9 @@ def start_command(argv: list[str], task: Task, receipt: str, workdir: Path, now:
     base = workdir / f"t{serial}"
     infile, outfile, errfile = base.with_suffix(".in"), base.with_suffix(".out"), base.with_suffix(".err")
     infile.write_bytes(task.payload)
+    # The output file exists, empty, when the command starts, so a program may open it for update
+    # or pass it on (the default `/bin/cat INPUT OUTPUT` then succeeds, as with the seed's temp files).
+    outfile.write_bytes(b"")
     env = dict(os.environ)
     env["SUPERVISE_TASK_ID"] = task.id
     env["SUPERVISE_TASK_ATTEMPT"] = str(task.attempt)
