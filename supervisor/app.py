@@ -103,7 +103,8 @@ def preflight(cfg: Config) -> None:
 
 def preload(cfg: Config) -> None:
     """Import the children and the backend's module now, in the root."""
-    for module in ("children.leaser", "children.executor", "children.reaper", "supervisor.tree"):
+    for module in ("children.leaser", "children.executor", "children.reaper", "supervisor.tree",
+                   "multiprocess.popen_fork", "subprocess"):  # the runner forks through these
         importlib.import_module(module)
     scheme = scheme_of(cfg.queue.url).split("+")[-1]
     if scheme in SCHEMES:

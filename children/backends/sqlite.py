@@ -227,8 +227,11 @@ class SqliteBackend(Backend):
             raise BackendConfigError(
                 f"sqlite database {self.path}: schema version {version} is newer than this leasetree "
                 f"understands ({SCHEMA_VERSION}); upgrade leasetree")
+        # Our own tables at version 0 are another process's schema creation seen mid-way (the
+        # switch to WAL lets a reader in between): not foreign; _migrate settles it under the lock.
         if version == 0 and conn.execute(
-                "SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'").fetchone()[0]:
+                "SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' "
+                "AND name NOT IN ('tasks', 'tasks_visible', 'tasks_tag')").fetchone()[0]:
             raise BackendConfigError(
                 f"sqlite database {self.path}: holds other tables and is not a leasetree queue")
 
