@@ -23,7 +23,7 @@ EXIT_SHUTDOWN = 64
 """Exit code a child uses to say "I stopped on purpose" (OTP ``shutdown``); 64 is EX_USAGE's
 neighbourhood in sysexits and is used by nothing in this project."""
 
-EXIT_RECYCLE = 65
+EXIT_RECYCLE = 66
 """Exit code of a worker that retires on purpose to be replaced (an executor after
 ``max_tasks_per_child`` or ``max_memory_mb``). Its replacement does not count against the restart
 intensity: a recycle is maintenance, not a crash, and a busy pool recycles often (Celery does not
