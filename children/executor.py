@@ -23,6 +23,7 @@ from typing import Any
 import zmq
 
 from children import protocol as p
+from children.inbox import waiting_messages
 from children.tasks import (
     BadTarget,
     CommandRun,
@@ -180,16 +181,7 @@ class Executor:
         return max(0, int((wake - now) * 1000) + 1)
 
     def receive(self) -> None:
-        while True:
-            try:
-                frame = self.sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                message = p.decode(frame)
-            except p.ProtocolError as exc:
-                self.log.warning("dropped a malformed frame from the leaser: %s", exc)
-                continue
+        for message in waiting_messages(self.sock, self.log, "the leaser"):
             if isinstance(message, p.Tasks):
                 if self.retiring:  # sent before the leaser heard we retire: give them back
                     self.send(p.Return([item[1] for item in message.items]))

@@ -20,6 +20,7 @@ import zmq
 from children import protocol as p
 from children.backends import BackendUnavailable, Outcome, open_backend
 from children.batcher import Batcher
+from children.inbox import waiting_messages
 from children.ratelimit import TokenBucket
 from children.retry import ACK, DEAD, RELEASE, backoff_delay, dead_reason, settle_action
 from config.schema import Config
@@ -107,16 +108,7 @@ class Reaper:
             pass  # no leaser now; it re-sends what we have not confirmed
 
     def receive(self, now: float) -> None:
-        while True:
-            try:
-                frame = self.sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                message = p.decode(frame)
-            except p.ProtocolError as exc:
-                self.log.warning("dropped a malformed frame: %s", exc)
-                continue
+        for message in waiting_messages(self.sock, self.log, "the leaser"):
             if isinstance(message, p.Settle):
                 for item in message.items:
                     self.batch.add(item[1], item, now)

@@ -123,6 +123,10 @@ class Backend(ABC):
     def limits(self) -> Limits:
         """The caps of this backend (constant for the life of the instance)."""
 
+    def clamp_lease(self, lease_secs: float) -> float:
+        """``lease_secs`` within ``limits`` (backends clamp rather than refuse)."""
+        return min(max(lease_secs, self.limits.min_lease_secs), self.limits.max_lease_secs)
+
     # -- the data path -------------------------------------------------------------------------
     @abstractmethod
     def lease(self, max_tasks: int, lease_secs: float, wait_secs: float = 0.0,

@@ -172,14 +172,11 @@ class MemoryBackend(Backend):
     def limits(self) -> Limits:
         return self._limits
 
-    def _clamp_lease(self, lease_secs: float) -> float:
-        return min(max(lease_secs, self._limits.min_lease_secs), self._limits.max_lease_secs)
-
     # -- the data path -------------------------------------------------------------------------
     def lease(self, max_tasks: int, lease_secs: float, wait_secs: float = 0.0,
               tag: str | None = None) -> list[Leased]:
         max_tasks = min(max_tasks, self._limits.max_lease_batch)
-        lease_secs = self._clamp_lease(lease_secs)
+        lease_secs = self.clamp_lease(lease_secs)
         store = self._store
         deadline = time.monotonic() + max(0.0, wait_secs)
         with store.cond:
@@ -231,7 +228,7 @@ class MemoryBackend(Backend):
             return out
 
     def extend(self, receipts: Sequence[str], lease_secs: float) -> dict[str, Outcome]:
-        lease_secs = self._clamp_lease(lease_secs)
+        lease_secs = self.clamp_lease(lease_secs)
         return self._settle(receipts, lambda i, task, now: self._store.schedule(task, now + lease_secs))
 
     def ack(self, receipts: Sequence[str]) -> dict[str, Outcome]:

@@ -301,16 +301,13 @@ class SqliteBackend(Backend):
     def limits(self) -> Limits:
         return self._limits
 
-    def _clamp_lease(self, lease_secs: float) -> float:
-        return min(max(lease_secs, self._limits.min_lease_secs), self._limits.max_lease_secs)
-
     # -- the data path -------------------------------------------------------------------------
     def lease(self, max_tasks: int, lease_secs: float, wait_secs: float = 0.0,
               tag: str | None = None) -> list[Leased]:
         max_tasks = min(max_tasks, self._limits.max_lease_batch)
         if max_tasks <= 0:
             return []
-        lease_secs = self._clamp_lease(lease_secs)
+        lease_secs = self.clamp_lease(lease_secs)
         if wait_secs <= 0:
             return self._lease_once(max_tasks, lease_secs, tag)
         deadline = time.monotonic() + wait_secs
@@ -400,7 +397,7 @@ class SqliteBackend(Backend):
         return {receipt: Outcome.OK if fence in done else Outcome.LOST for receipt, fence in parsed.items()}
 
     def extend(self, receipts: Sequence[str], lease_secs: float) -> dict[str, Outcome]:
-        until = time.time() + self._clamp_lease(lease_secs)
+        until = time.time() + self.clamp_lease(lease_secs)
         return self._settle(receipts, "UPDATE tasks SET visible_at = ? WHERE +queue = ? AND id IN ({ids}) "
                                       "AND token IN ({tokens}) AND leased = 1 RETURNING id, token", (until,))
 
