@@ -44,7 +44,6 @@ from supervisor.rundir import endpoint
 from supervisor.sweep import TREE_VAR, sweep_predecessors
 
 # Exit codes the executor uses (the supervisor maps them to reasons).
-EXIT_BAD_TARGET = 78  # the command or callable cannot be loaded: restarting will not help
 EXIT_TASK_HUNG = 79  # a callable ran past its timeout and ignored TaskTimeout
 HUNG_GRACE_SECS = 5.0
 

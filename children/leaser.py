@@ -28,7 +28,6 @@ from supervisor.instrument import instrument
 from supervisor.rundir import endpoint
 
 MIN_IDLE_SECS = 0.01  # first wait after an empty lease; doubles up to leaser.idle_poll_secs
-BLOCKING_WAIT_CAP_SECS = 2.0  # the longest long poll the lease thread is asked for
 WAIT_SLICE_SECS = 0.25  # it looks at ``stopping`` at least this often
 MAX_ERROR_BACKOFF_SECS = 30.0
 BURST_EMPTY_CHECKS = 2
@@ -147,7 +146,6 @@ class Leaser:
         self.extend_retry_at = 0.0
         self.empty_checks = 0
         self.reaper_incarnation: int | None = None
-        self.lease_waited = 0.0
         # Forget is only bookkeeping for the executors: send it in large, infrequent batches
         self.forget: dict[str, list[str]] = {}
         self.forget_sent_at = 0.0
@@ -248,12 +246,11 @@ class Leaser:
         want = min(self.ledger.want(self.max_in_flight), self.backend.limits.max_lease_batch)
         # After an empty answer, wait in the backend (a long poll that returns the moment work
         # arrives) rather than sleep here: the call is on its own thread, so the loop runs on, and
-        # an enqueue reaches an executor in milliseconds. Capped so a stop is never held long.
-        wait_secs = min(self.idle_wait, BLOCKING_WAIT_CAP_SECS)
+        # an enqueue reaches an executor in milliseconds. The thread checks for a stop every slice.
+        wait_secs = self.idle_wait  # 0 while work flows; up to idle_poll_secs when the queue is empty
         self.bucket.take(now)
         self.stats["lease_calls_total"] += 1
         self.leases.ask(want, self.lease_secs, wait_secs, self.tag)
-        self.lease_waited = wait_secs
 
     def leased(self, result: list[Leased] | BackendError, now: float) -> bool | None:
         """Take a lease answer. Returns True if tasks came, False if the queue was empty, None on

@@ -319,16 +319,6 @@ class Ledger:
                 returned.append(current)
         return returned
 
-    def executor_gone(self, name: str) -> None:
-        """The executor will not come back (pool shrank): fail what it held."""
-        peer = self.peers.pop(name, None)
-        if peer is None:
-            return
-        for receipt in list(peer.running):
-            entry = self.entries.get(self.aliases.get(receipt, receipt))
-            if entry is not None and entry.state == RUNNING:
-                self._finish(entry, False, f"executor {name} stopped")
-
     # -- settling ----------------------------------------------------------------------------
     def take_settles(self, now: float, reaper_restarted: bool = False) -> list[list[Any]]:
         """Settle items to send to the reaper: new completions, plus any not confirmed within

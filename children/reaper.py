@@ -47,7 +47,6 @@ class Reaper:
         self.bucket = TokenBucket(float(cfg.leaser.requests_per_sec))
         self.rng = random.Random()
         self.errors_in_row = 0
-        self.settled_out: tuple[list[str], list[str]] = ([], [])
         self.stats: dict[str, Any] = {"acked_total": 0, "released_total": 0, "dead_total": 0,
                                       "lost_total": 0, "backend_calls_total": 0,
                                       "backend_errors_total": 0}

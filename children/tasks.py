@@ -7,7 +7,6 @@ import importlib
 import os
 import signal
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -219,7 +218,3 @@ def check_timeout(run: CommandRun, now: float) -> float | None:
         signal_group(run, signal.SIGKILL)
         return None
     return run.killed_at + KILL_GRACE_SECS
-
-
-def monotonic() -> float:
-    return time.monotonic()

@@ -85,7 +85,6 @@ class Limits:
     min_lease_secs: float = 1.0
     max_lease_secs: float = 12 * 3600.0
     max_payload_bytes: int = 64 * 1024 * 1024
-    blocking_lease: bool = False  # lease(wait_secs>0) wakes on enqueue rather than polling
 
 
 @dataclass(frozen=True, slots=True)

@@ -166,7 +166,7 @@ class MemoryBackend(Backend):
         else:
             self._store = _Store()
         self._clock: Clock = clock or time.time
-        self._limits = Limits(min_lease_secs=0.05, blocking_lease=True)
+        self._limits = Limits(min_lease_secs=0.05)
 
     @property
     def limits(self) -> Limits:

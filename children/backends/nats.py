@@ -138,8 +138,7 @@ class NatsBackend(NatsAdmin, Backend):
             self._run(self._ensure_streams())
             self._limits = Limits(max_lease_batch=1000, max_ack_batch=1000, max_extend_batch=1000,
                                   min_lease_secs=1.0, max_lease_secs=12 * 3600.0,
-                                  max_payload_bytes=max(1024, self._nc.max_payload - 1024),
-                                  blocking_lease=True)
+                                  max_payload_bytes=max(1024, self._nc.max_payload - 1024))
         except BaseException:
             self.close()
             raise

@@ -186,7 +186,7 @@ class SqliteBackend(Backend):
     def __init__(self, url: str, name: str = "default", base_dir: Path | None = None) -> None:
         self.path = resolve_path(url, base_dir or Path.cwd())
         self.queue = name
-        self._limits = Limits(min_lease_secs=0.05, blocking_lease=True)
+        self._limits = Limits(min_lease_secs=0.05)
         self._conn: sqlite3.Connection | None = None
         if sqlite3.sqlite_version_info < MIN_SQLITE:
             raise BackendConfigError(

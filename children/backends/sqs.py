@@ -139,8 +139,7 @@ class SqsBackend(Backend):
         self._url = self._call(lambda: self._sqs.create_queue(QueueName=name))["QueueUrl"]
         self._dead_url = self._call(lambda: self._sqs.create_queue(QueueName=f"{name}-dead"))["QueueUrl"]
         self._limits = Limits(max_lease_batch=_BATCH, max_ack_batch=_BATCH, max_extend_batch=_BATCH,
-                              min_lease_secs=1.0, max_lease_secs=43200.0, max_payload_bytes=_MAX_PAYLOAD,
-                              blocking_lease=True)
+                              min_lease_secs=1.0, max_lease_secs=43200.0, max_payload_bytes=_MAX_PAYLOAD)
 
     def _call(self, fn: Callable[[], dict]) -> dict:
         """Run one SQS request; map its failure to BackendUnavailable or BackendConfigError."""

@@ -20,9 +20,11 @@ HERE = Path(__file__).resolve().parent
 SUPERVISE = [sys.executable, "-m", "supervisor"]
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str = "condition",
-               interval: float = 0.02) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
+               interval: float = 0.01) -> Any:
+    """Call ``predicate`` until it returns something truthy (returned) or ``timeout`` seconds pass
+    (AssertionError naming ``what``): wait on a condition, never sleep and hope. The one copy for
+    every test (tests/conftest.py's fixture and tests/integration/workers.py use it too)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

@@ -209,7 +209,6 @@ def test_kill_9_of_the_root_leaves_nothing_and_a_new_tree_finishes(tmp_path):
         wait_until(lambda: tree.leftovers() == [], 5, "every process of the killed tree to be gone")
     with RunningTree(config, record, burst=True) as second:
         assert second.wait_exit(timeout=90) == 0, second.output()
-    assert set(records(record)) == set(records(record))  # ids recorded
     assert len(records(record)) == 40
     assert drained(config) and queue_stats(config).dead == 0
 

@@ -13,6 +13,7 @@ import subprocess
 import time
 
 from supervisor.reasons import EXIT_SHUTDOWN
+from tests.integration.harness import wait_until  # noqa: F401 - the tree tests import it from here
 
 
 def _note(log: str | None, line: str) -> None:
@@ -158,16 +159,6 @@ def count_up(ctx, per_beat: int = 5) -> int:
 
 
 # -- helpers for the tests that drive a real tree --------------------------------------------------
-def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01, what: str = "condition"):
-    """Poll ``predicate`` until it returns a truthy value (returned) or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def run_tree(tree, script):
