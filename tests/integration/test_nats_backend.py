@@ -23,6 +23,7 @@ import pytest
 pytest.importorskip("nats")
 
 import nats  # noqa: E402
+from nats.js.errors import NotFoundError  # noqa: E402
 
 from children.backends.base import (  # noqa: E402
     BackendConfigError,
@@ -52,6 +53,8 @@ async def _consumer_waiting(url: str, name: str, consumer: str) -> int:
     try:
         info = await nc.jetstream().consumer_info(f"LT_{name}_TASKS", consumer)
         return info.num_waiting or 0
+    except NotFoundError:
+        return 0  # the leasing thread has not created its consumer yet
     finally:
         await nc.close()
 
