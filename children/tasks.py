@@ -7,8 +7,6 @@ import importlib
 import os
 import signal
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +73,11 @@ def call_task(function: Callable[[Task], Any], task: Task) -> tuple[bool, bytes,
 def post_output(url: str, output: bytes, timeout_secs: float) -> str:
     """POST the output; returns "" on a 2xx, else the error (the task then counts as failed and is
     retried, as the seed deleted a task only after its output was posted)."""
+    # imported here: urllib.request pulls in http, email and ssl (OpenSSL), about 8 MB resident
+    # in every process of the tree, for a feature most trees leave off
+    import urllib.error
+    import urllib.request
+
     request = urllib.request.Request(url, data=output, method="POST",
                                      headers={"Content-Type": "application/octet-stream"})
     try:

@@ -21,7 +21,7 @@ exit 1).
 
 from __future__ import annotations
 
-import ctypes
+import gc
 import importlib
 import logging
 import os
@@ -34,19 +34,9 @@ from typing import Any
 import zmq
 
 from children.protocol import Heartbeat, Ready, encode
+from supervisor.guard import set_parent_death_signal
 
-PR_SET_PDEATHSIG = 1
 EXIT_ORPHANED = 65  # the root died before this child finished setting up
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def set_parent_death_signal(signum: int = signal.SIGKILL) -> None:
-    """Have the kernel send ``signum`` to this process when the thread that created it exits."""
-    if _libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
 
 class ChildContext:
     """What a child process knows about its place in the tree and how it talks to the root.
@@ -177,6 +167,10 @@ def child_main(child_id: str, path: str, runtime_dir: str, heartbeat_secs: float
                guard_fd: int | None, root_pid: int, start: tuple[str, str, tuple[Any, ...]],
                extra_args: tuple[Any, ...]) -> None:
     """Entry point of every worker process (runs right after fork); exits with the target's code."""
+    # Everything inherited from the root moves to the collector's permanent generation: a
+    # collection would otherwise write to each inherited object's header, turning the pages shared
+    # with the root into private copies in every child.
+    gc.freeze()
     set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != root_pid:
         os._exit(EXIT_ORPHANED)  # the root died before the prctl: nobody will supervise us

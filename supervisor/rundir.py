@@ -7,9 +7,9 @@ user, so no other user can reach a socket inside it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
+import zlib
 from pathlib import Path
 
 
@@ -26,13 +26,14 @@ def base_runtime_dir() -> Path:
 
 
 def runtime_dir(config_path: str | os.PathLike[str], create: bool = True) -> Path:
-    """The folder for this config's tree: ``<base>/<stem>-<12 hex of the path's hash>``.
+    """The folder for this config's tree: ``<base>/<stem>-<8 hex of the path's crc32>``.
 
     With ``create`` it makes the folders (0700) and checks they belong to this user and are
     private; raises RuntimeDirError otherwise.
     """
     resolved = str(Path(config_path).resolve())
-    digest = hashlib.sha256(resolved.encode()).hexdigest()[:12]
+    # crc32, not hashlib: hashlib loads OpenSSL (MBs resident in every process) for a name
+    digest = f"{zlib.crc32(resolved.encode()):08x}"
     stem = Path(resolved).stem[:24] or "tree"
     path = base_runtime_dir() / f"{stem}-{digest}"
     if create:

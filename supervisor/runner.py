@@ -6,128 +6,28 @@ seen at once with no sleep loop) -> ``Exited``, or ``StartFailed`` when the proc
 Ready. It owns the timers: start timeout, shutdown timeout (then SIGKILL of the whole process
 group), heartbeat timeout (SIGKILL; the exit reads "heartbeat timeout").
 
-``GroupGuard`` is a tiny process forked from the root before anything else; it holds the list of
-the tree's process groups and SIGKILLs them all when the root dies (its parent-death signal) -- so
-after ``kill -9`` of the root the grandchildren of workers (which PR_SET_PDEATHSIG does not reach)
-die too.
+The guard that kills the tree's process groups when the root dies is in supervisor/guard.py.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import select
 import signal
 from dataclasses import dataclass, field
 from typing import Any
 
 import multiprocess
 
-from supervisor import reasons, sweep
-from supervisor.child import child_main, set_parent_death_signal
+from supervisor import reasons
+from supervisor.child import child_main
 from supervisor.events import Exited, Started, StartFailed, StartWorker
+from supervisor.guard import GroupGuard
 from supervisor.heartbeat import Liveness, StatsBook
 from supervisor.reasons import ExitReason
 from supervisor.spec import Shutdown
 
 log = logging.getLogger("supervisor.runner")
-
-
-class _GuardExit(Exception):
-    pass
-
-
-class GroupGuard:
-    """Kills every registered process group when the root dies or when closed.
-
-    Lines on its pipe: ``+PGID`` track, ``-PGID`` forget, ``x`` kill what is tracked and exit.
-    Workers inherit the write end, so they can register groups of their own (ChildContext.track_group).
-    """
-
-    def __init__(self) -> None:
-        root_pid = os.getpid()
-        read_fd, self.fd = os.pipe()
-        self.pid = os.fork()
-        if self.pid == 0:  # pragma: no cover - runs in the guard process
-            _guard_main(read_fd, self.fd, root_pid)
-        os.close(read_fd)
-
-    def track(self, pgid: int) -> None:
-        self._write(b"+%d\n" % pgid)
-
-    def untrack(self, pgid: int) -> None:
-        self._write(b"-%d\n" % pgid)
-
-    def _write(self, line: bytes) -> None:
-        try:
-            os.write(self.fd, line)
-        except OSError as exc:
-            log.warning("group guard unreachable: %s", exc)
-
-    def close(self, timeout: float = 2.0) -> None:
-        """Kill whatever is still tracked, let the guard exit and reap it."""
-        self._write(b"x\n")
-        os.close(self.fd)
-        pidfd = os.pidfd_open(self.pid)
-        try:
-            if not select.select([pidfd], [], [], timeout)[0]:
-                os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-        finally:
-            os.close(pidfd)
-
-
-def _guard_main(read_fd: int, write_fd: int, root_pid: int) -> None:  # pragma: no cover - guard
-    groups: set[int] = set()
-    try:
-        def die(signum: int, frame: Any) -> None:
-            raise _GuardExit
-
-        os.close(write_fd)
-        signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(signum, die)
-        for signum in (signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_IGN)
-        os.setpgid(0, 0)  # out of the root's group: a terminal's Ctrl-C is the root's business
-        os.closerange(3, read_fd)
-        os.closerange(read_fd + 1, 1 << 16)
-        set_parent_death_signal(signal.SIGUSR1)
-        if os.getppid() != root_pid:
-            raise _GuardExit
-        pending = b""
-        while True:
-            data = os.read(read_fd, 4096)
-            if not data:
-                break
-            *lines, pending = (pending + data).split(b"\n")
-            if _apply_guard_lines(lines, groups):
-                break
-    except _GuardExit:
-        pass
-    finally:
-        for pgid in groups:
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except OSError:
-                pass
-        # What left every group (a task that called setsid, a daemonised grandchild) still carries
-        # the tree's marker in its environment (supervisor/sweep.py).
-        token = os.environ.get(sweep.TREE_VAR)
-        if token:
-            sweep.kill_all(lambda: sweep.processes_with(sweep.TREE_VAR, token))
-        os._exit(0)
-
-
-def _apply_guard_lines(lines: list[bytes], groups: set[int]) -> bool:
-    for line in lines:
-        if line == b"x":
-            return True
-        if line[:1] == b"+":
-            groups.add(int(line[1:]))
-        elif line[:1] == b"-":
-            groups.discard(int(line[1:]))
-    return False
 
 
 @dataclass(slots=True)

@@ -15,7 +15,6 @@ descendant inherits it. Two sweeps use it:
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import time
 
@@ -25,7 +24,7 @@ SWEEP_SECS = 5.0
 
 
 def new_token() -> str:
-    return f"{os.getpid()}-{secrets.token_hex(6)}"
+    return f"{os.getpid()}-{os.urandom(6).hex()}"
 
 
 def processes_with(variable: str, value: str | None = None, prefix: str | None = None) -> list[int]:

@@ -31,10 +31,11 @@ from supervisor import control, events
 from supervisor.clock import Clock, SystemClock
 from supervisor.core import READ_ONLY, TreeCore
 from supervisor.events import Call, Finished, StartFailed, StartWorker, Stop, TerminateWorker
+from supervisor.guard import GroupGuard
 from supervisor.notify import Notifier
 from supervisor.rates import Rates
 from supervisor.reasons import abnormal
-from supervisor.runner import GroupGuard, ProcessRunner
+from supervisor.runner import ProcessRunner
 from supervisor.spec import ChildSpec, SupervisorStart, SupFlags
 
 log = logging.getLogger("root")  # its place in the tree
@@ -100,7 +101,7 @@ class Tree:
     def run(self) -> int:
         if control.is_listening(self.runtime_dir):
             raise TreeAlreadyRunning(f"a tree is already running in {self.runtime_dir}")
-        guard = GroupGuard()  # first: before any thread exists (zmq's), fork is cheapest and safe
+        guard = GroupGuard()  # first: nothing can have been started that it should have tracked
         zctx = zmq.Context()
         wake_r, wake_w = os.pipe()
         for fd in (wake_r, wake_w):

@@ -50,6 +50,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from children.backends.base import (
@@ -124,6 +125,14 @@ def _parse_receipt(receipt: str) -> tuple[int, int] | None:
 
 def _marks(count: int) -> str:
     return ",".join("?" * count)
+
+
+def _padded(values: Sequence[Any], limit: int = 1000) -> tuple[Any, ...]:
+    """``values`` and NULLs up to the next power of two (at most ``limit``) for an IN-list: a few
+    statement shapes instead of one per batch size, so prepared statements are reused and the
+    sqlite3 statement cache (128 entries, some hundreds of KB each at these sizes) stays small."""
+    size = min(limit, max(8, 1 << (len(values) - 1).bit_length()))
+    return (*values, *(None,) * (size - len(values)))
 
 
 def _chunks(items: list, size: int = 1000) -> Iterator[list]:
@@ -389,7 +398,7 @@ class SqliteBackend(Backend):
         if fences:
             with self._write() as conn:
                 for chunk in _chunks(fences):
-                    ids, tokens = zip(*chunk, strict=True)
+                    ids, tokens = (_padded(column) for column in zip(*chunk, strict=True))
                     statement = sql.format(ids=_marks(len(ids)), tokens=_marks(len(tokens)))
                     # ids IN (...) AND token IN (...) fences exactly: a token is drawn for one
                     # delivery of one task, so a row's current token is listed only if its receipt is

@@ -18,7 +18,7 @@ ROOT = textwrap.dedent("""
     import os, subprocess, sys, time
     sys.path.insert(0, {repo!r})
     from supervisor import sweep
-    from supervisor.runner import GroupGuard
+    from supervisor.guard import GroupGuard
     os.environ[sweep.TREE_VAR] = sweep.new_token()
     guard = GroupGuard()  # what the root starts; it kills marked processes when the root dies
     # a grandchild that leaves our process group and session, and its own child
