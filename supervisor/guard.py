@@ -7,7 +7,8 @@ PR_SET_PDEATHSIG does not reach, die too.
 
 The guard is a fresh interpreter (``python -I -S``, importing only this module and sweep), not a
 fork of the root: a fork would carry the root's 20-odd MB of resident pages for a process whose
-whole job is one blocking ``read``. Lines on its pipe: ``+PGID`` track, ``-PGID`` forget, ``x``
+whole job is one blocking ``read``. Only when the interpreter cannot be run (privileges dropped to
+a user who may not read it) is the guard forked instead. Lines on its pipe: ``+PGID`` track, ``-PGID`` forget, ``x``
 kill what is tracked and exit. Workers inherit the write end, so they can register groups of their
 own (ChildContext.track_group).
 """
@@ -41,6 +42,7 @@ class GroupGuard:
     """The root's handle on its guard process: ``track``/``untrack`` groups, ``close`` at the end."""
 
     def __init__(self) -> None:
+        root_pid = os.getpid()
         read_fd, self.fd = os.pipe()
         os.set_inheritable(read_fd, True)
         try:
@@ -48,8 +50,17 @@ class GroupGuard:
             # The environment carries the tree's marker, which the guard sweeps for at the end.
             self.pid = os.posix_spawn(
                 sys.executable,
-                [sys.executable, "-I", "-S", "-c", _BOOT, _PACKAGE_ROOT, str(read_fd), str(os.getpid())],
+                [sys.executable, "-I", "-S", "-c", _BOOT, _PACKAGE_ROOT, str(read_fd), str(root_pid)],
                 dict(os.environ), setpgroup=0)
+        except OSError:  # e.g. EACCES after a privilege drop: a fork works wherever we run
+            self.pid = os.fork()
+            if self.pid == 0:  # pragma: no cover - runs in the guard process
+                os.close(self.fd)
+                signal.set_wakeup_fd(-1)
+                os.setpgid(0, 0)
+                os.closerange(3, read_fd)
+                os.closerange(read_fd + 1, 1 << 16)
+                _serve(read_fd, root_pid)
         finally:
             os.close(read_fd)
 
@@ -85,7 +96,10 @@ class _GuardExit(Exception):
 
 
 def main() -> None:  # pragma: no cover - runs in the guard process
-    read_fd, root_pid = int(sys.argv[2]), int(sys.argv[3])
+    _serve(int(sys.argv[2]), int(sys.argv[3]))
+
+
+def _serve(read_fd: int, root_pid: int) -> None:  # pragma: no cover - runs in the guard process
     groups: set[int] = set()
     try:
         def die(signum: int, frame: object) -> None:
