@@ -49,6 +49,7 @@ HUNG_GRACE_SECS = 5.0
 
 DONE_FLUSH_ITEMS = 256
 DONE_FLUSH_SECS = 0.001
+DONE_FLUSH_MAX_SECS = 0.02  # a report is sent within this, however much is queued
 PING_SECS = 1.0
 RETIRE_WAIT_SECS = 5.0  # after retiring, wait this long at most for the leaser's Forget
 
@@ -96,6 +97,9 @@ class Executor:
         leftovers = sweep_predecessors(self.name, os.environ.get(TREE_VAR))
         if leftovers:
             self.log.warning("killed %d processes left by a previous %s", leftovers, self.name)
+        # the tasks' environment, copied once (after the sweep marked ours): os.environ decodes
+        # every variable on each copy
+        self.env = dict(os.environ)
         self.current: tuple[str, float] | None = None  # inline callable: (receipt, deadline)
         self.stats: dict[str, Any] = {"tasks_total": 0, "failed_total": 0}
         self.reported_at = 0.0
@@ -142,8 +146,7 @@ class Executor:
                     return EXIT_RECYCLE
                 self.start_work(now)
                 now = time.monotonic()
-                if self.outbox and (not self.queue or len(self.outbox) >= DONE_FLUSH_ITEMS
-                                    or now - self.outbox_since >= DONE_FLUSH_SECS or self.at_limit()):
+                if self.outbox and self.flush_due(now):
                     self.flush_done(now)
                     last_sent = now
                     self.maybe_retire(now)
@@ -166,6 +169,15 @@ class Executor:
             self.sock.close()
             zctx.term()
 
+    def flush_due(self, now: float) -> bool:
+        """Report what finished when the queue is empty or has come down to what we report (the
+        leaser refills the credit while the rest runs: one Done and one Tasks message for several
+        tasks, rather than for each), or when the report is full or old."""
+        age = now - self.outbox_since
+        return (not self.queue or len(self.outbox) >= DONE_FLUSH_ITEMS or self.at_limit()
+                or age >= DONE_FLUSH_MAX_SECS
+                or (age >= DONE_FLUSH_SECS and len(self.queue) <= len(self.outbox)))
+
     def busy(self) -> bool:
         return bool(self.queue or self.commands or self.threads or self.outbox)
 
@@ -174,7 +186,9 @@ class Executor:
             return 0
         wake = last_sent + PING_SECS
         if self.outbox:
-            wake = min(wake, self.outbox_since + DONE_FLUSH_SECS)
+            # the queue and the outbox change only on events, which end the poll anyway
+            wait = DONE_FLUSH_SECS if len(self.queue) <= len(self.outbox) else DONE_FLUSH_MAX_SECS
+            wake = min(wake, self.outbox_since + wait)
         for run in self.commands.values():
             wake = min(wake, run.killed_at + 5.0 if run.killed_at else run.deadline)
         return max(0, int((wake - now) * 1000) + 1)
@@ -220,7 +234,8 @@ class Executor:
                 continue
             self.serial += 1
             try:
-                run = start_command(self.argv, task, item[1], self.workdir, now, self.timeout, self.serial)
+                run = start_command(self.argv, task, item[1], self.workdir, now, self.timeout, self.serial,
+                                    self.env)
             except OSError as exc:
                 self.complete(item, False, b"", f"cannot start {self.argv[0]!r}: {exc.strerror or exc}", 0.0)
                 continue

@@ -213,8 +213,8 @@ class Leaser:
 
     def poll_timeout(self, now: float) -> int:
         wake = now + 1.0
-        if (not self.ctx.stop_requested and not self.leases.busy and self.ledger.want(self.max_in_flight) > 0
-                and self.ledger.capacity()):
+        if (not self.ctx.stop_requested and not self.leases.busy and self.ledger.capacity()
+                and self.ledger.lease_now(self.max_in_flight)):
             wake = min(wake, self.next_lease_at)
         extension = self.ledger.next_extension_at()
         if extension is not None:
@@ -229,8 +229,7 @@ class Leaser:
     def lease_due(self, now: float) -> bool:
         if self.leases.busy or now < self.next_lease_at or not self.ledger.capacity():
             return False
-        want = self.ledger.want(self.max_in_flight)
-        if want <= 0:
+        if not self.ledger.lease_now(self.max_in_flight):
             return False
         if self.min_running and self.ledger.in_flight() > self.min_running:
             # the seed's batching of lease calls: wait until few remain, or batch_wait_secs passed

@@ -23,7 +23,7 @@ HELD, RUNNING, FINISHED = "held", "running", "finished"
 # Tasks shorter than SHORT_TASK_SECS are dispatched in runs rather than one per free slot, so that
 # the per-message cost is shared; a run is sized to about RUN_TARGET_SECS of work, which bounds how
 # long an idle executor can wait behind another's buffer.
-RUN_TARGET_SECS = 0.005
+RUN_TARGET_SECS = 0.02
 MAX_RUN = 256
 # Below this a task is short enough that an executor also holds the next one while it runs one
 # (double buffering), so it never idles for the round trip its Done and the next Tasks take.
@@ -105,11 +105,22 @@ class Ledger:
 
         Finished tasks waiting for their ack do not count against it (they hold no slot), but they
         are bounded too, so a stalled reaper stops the leasing instead of growing the ledger."""
-        limit = max_in_flight or max(1, self.capacity()) * (1 + self.run_length())
+        limit = self._limit(max_in_flight)
         unsettled = len(self.entries) - self.finished_count
         if self.finished_count > 4 * limit:
             return 0
         return max(0, limit - unsettled)
+
+    def _limit(self, max_in_flight: int) -> int:
+        return max_in_flight or max(1, self.capacity()) * (1 + 2 * self.run_length())
+
+    def lease_now(self, max_in_flight: int) -> bool:
+        """Whether a lease call is worth making: with a configured ``max_in_flight``, whenever there
+        is room; else when there is room for half the limit. The other half is a run per slot
+        still queued at the executors, so none idles while the call is made, and a call brings
+        many tasks: leasing at every free place cost one lease call per two /bin/true tasks."""
+        want = self.want(max_in_flight)
+        return want > 0 and (max_in_flight > 0 or 2 * want >= self._limit(0))
 
     def add_leased(self, tasks: list[Leased], now: float) -> list[Leased]:
         """Take newly leased deliveries. Returns those that must be dead-lettered at once (attempt

@@ -124,41 +124,53 @@ class CommandRun:
     pidfd: int
     started: float
     deadline: float
-    infile: Path
-    outfile: Path
-    errfile: Path
+    infile: str
+    outfile: str
+    errfile: str
     killed_at: float | None = None
     timed_out: bool = False
 
 
 def start_command(argv: list[str], task: Task, receipt: str, workdir: Path, now: float,
-                  timeout_secs: float, serial: int) -> CommandRun:
+                  timeout_secs: float, serial: int, env: dict[str, str] | None = None) -> CommandRun:
     """Write the payload to an input file and start ``argv + [infile, outfile]`` in a session and
-    process group of its own; the payload never reaches a command line or a shell. Raises OSError
-    (e.g. not found).
+    process group of its own; the payload never reaches a command line or a shell. ``env`` is the
+    environment to start from (default ``os.environ``; the executor passes its own copy, made once).
+    Raises OSError (e.g. not found).
 
     posix_spawn rather than subprocess: a vfork-style spawn with no Python code on the way costs a
     third of Popen's CPU per task. Every descriptor this process opens is close-on-exec (Python's
     default, and libzmq's), so the task inherits only the three set up here. A task outliving its
     executor is killed by the executor's next incarnation (supervisor/sweep.py), or, if the root
     dies, by the tree's guard."""
-    base = workdir / f"t{serial}"
-    infile, outfile, errfile = base.with_suffix(".in"), base.with_suffix(".out"), base.with_suffix(".err")
-    infile.write_bytes(task.payload)
+    # plain os calls on str paths: this runs once a task, and pathlib's layers cost more than the I/O
+    base = f"{workdir}/t{serial}"
+    infile, outfile, errfile = base + ".in", base + ".out", base + ".err"
+    _write_new(infile, task.payload)
     # The output file exists, empty, when the command starts, so a program may open it for update
     # or pass it on (the default `/bin/cat INPUT OUTPUT` then succeeds, as with the seed's temp files).
-    outfile.write_bytes(b"")
-    env = dict(os.environ)
+    _write_new(outfile, b"")
+    env = dict(os.environ if env is None else env)
     env["SUPERVISE_TASK_ID"] = task.id
     env["SUPERVISE_TASK_ATTEMPT"] = str(task.attempt)
     env["SUPERVISE_TASK_TAG"] = task.tag
-    pid = os.posix_spawnp(argv[0], [*argv, str(infile), str(outfile)], env, setsid=True, file_actions=[
+    pid = os.posix_spawnp(argv[0], [*argv, infile, outfile], env, setsid=True, file_actions=[
         (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-        (os.POSIX_SPAWN_OPEN, 1, str(errfile), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+        (os.POSIX_SPAWN_OPEN, 1, errfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
         (os.POSIX_SPAWN_DUP2, 1, 2),
     ])
     return CommandRun(task, receipt, Spawned(pid), os.pidfd_open(pid), now, now + timeout_secs,
                       infile, outfile, errfile)
+
+
+def _write_new(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 def signal_group(run: CommandRun, signum: int) -> None:
@@ -176,7 +188,8 @@ def finish_command(run: CommandRun) -> tuple[bool, bytes, str]:
     os.close(run.pidfd)
     output = b""
     try:
-        output = run.outfile.read_bytes()
+        with open(run.outfile, "rb") as handle:
+            output = handle.read()
     except FileNotFoundError:
         pass
     error = ""
@@ -188,13 +201,13 @@ def finish_command(run: CommandRun) -> tuple[bool, bytes, str]:
         error = f"{reason}: {tail}" if tail else reason
     for path in (run.infile, run.outfile, run.errfile):
         try:
-            path.unlink()
+            os.unlink(path)
         except FileNotFoundError:
             pass
     return (code == 0 and not run.timed_out), output, error
 
 
-def _tail(path: Path) -> str:
+def _tail(path: str) -> str:
     try:
         with open(path, "rb") as handle:
             handle.seek(0, os.SEEK_END)

@@ -8,9 +8,10 @@ PR_SET_PDEATHSIG does not reach, die too.
 The guard is a fresh interpreter (``python -I -S``, importing only this module and sweep), not a
 fork of the root: a fork would carry the root's 20-odd MB of resident pages for a process whose
 whole job is one blocking ``read``. Only when the interpreter cannot be run (privileges dropped to
-a user who may not read it) is the guard forked instead. Lines on its pipe: ``+PGID`` track, ``-PGID`` forget, ``x``
-kill what is tracked and exit. Workers inherit the write end, so they can register groups of their
-own (ChildContext.track_group).
+a user who may not read it) is the guard forked instead.
+
+Lines on its pipe: ``+PGID`` track, ``-PGID`` forget, ``x`` kill what is tracked and exit.
+Workers inherit the write end, so they can register groups of their own (ChildContext.track_group).
 """
 
 from __future__ import annotations

@@ -199,11 +199,43 @@ def test_take_held_returns_undispatched_tasks_only():
     assert set(ledger.entries) == {"r0"}
 
 
-@pytest.mark.parametrize("max_in_flight, expected", [(0, 4), (3, 3)])
+@pytest.mark.parametrize("max_in_flight, expected", [(0, 6), (3, 3)])
 def test_want_fills_capacity_or_the_configured_cap(max_in_flight, expected):
     ledger = make()
-    hello(ledger, "executor.0", slots=2)
+    hello(ledger, "executor.0", slots=2)  # 2 slots x (the running task + 2 dispatch runs of 1)
     assert ledger.want(max_in_flight) == expected
+
+
+def finish(ledger, count, now):
+    """The first ``count`` running tasks of executor.0 finish (0.5 s each: runs of one task)."""
+    receipts = sorted(ledger.peers["executor.0"].running)[:count]
+    ledger.on_done("executor.0", [[ledger.entries[r].task_id, r, True, "", 1, 0.5] for r in receipts], now)
+    ledger.dispatch(now)
+
+
+def test_lease_calls_wait_for_room_for_half_the_limit():
+    ledger = make()
+    hello(ledger, "executor.0", slots=2)  # limit 6
+    assert ledger.lease_now(0)  # nothing in flight
+    ledger.add_leased(leased(6), now=0.0)
+    ledger.dispatch(0.0)  # 2 running, 4 held
+    assert not ledger.lease_now(0)
+    finish(ledger, 1, now=0.5)
+    assert ledger.want(0) == 1 and not ledger.lease_now(0)
+    finish(ledger, 1, now=1.0)
+    assert ledger.want(0) == 2 and not ledger.lease_now(0)
+    finish(ledger, 1, now=1.5)
+    assert ledger.want(0) == 3 and ledger.lease_now(0)  # room for half: one call brings three
+
+
+def test_a_configured_max_in_flight_leases_into_any_room():
+    ledger = make()
+    hello(ledger, "executor.0", slots=2)
+    ledger.add_leased(leased(7), now=0.0)
+    ledger.dispatch(0.0)
+    assert not ledger.lease_now(7)
+    finish(ledger, 1, now=0.5)
+    assert ledger.want(7) == 1 and ledger.lease_now(7)
 
 
 def test_retiring_executor_gets_no_work():
