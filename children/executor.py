@@ -234,8 +234,10 @@ class Executor:
                 continue
             self.serial += 1
             try:
+                used = {run.slot for run in self.commands.values()}
+                slot = next(i for i in range(self.slots) if i not in used)
                 run = start_command(self.argv, task, item[1], self.workdir, now, self.timeout, self.serial,
-                                    self.env)
+                                    self.env, slot)
             except OSError as exc:
                 self.complete(item, False, b"", f"cannot start {self.argv[0]!r}: {exc.strerror or exc}", 0.0)
                 continue

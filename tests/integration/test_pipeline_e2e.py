@@ -101,6 +101,27 @@ def test_output_url_answering_500_is_retried_not_acked(tmp_path, http_sink):
     assert "output_url answered 500" in dead.dead_reason
 
 
+def test_a_failed_command_is_reported_with_the_end_of_its_own_stderr(tmp_path):
+    # one executor, one slot: every task writes to the same stderr file, truncated for each
+    script = tmp_path / "noisy.sh"
+    script.write_text('#!/bin/sh\ncase "$(cat "$1")" in\n'
+                      '  loud*) for i in 1 2 3 4 5; do echo "line $i of a complaint" >&2; done; exit 0;;\n'
+                      '  *) echo "boom from $(cat "$1")" >&2; exit 3;;\nesac\n')
+    script.chmod(0o755)
+    config = write_config(tmp_path, executors={"command": [str(script)], "count": 1},
+                          retry={"max_attempts": 1})
+    enqueue(config, ["loud1", "quiet1", "loud2", "quiet2"])
+    with RunningTree(config, burst=True) as tree:
+        assert tree.wait_exit(timeout=60) == 0, tree.output()
+    from children.backends import TaskState, open_backend
+    from config import load
+    cfg = load(config)
+    with open_backend(cfg.queue.url, cfg.queue.name, cfg.base_dir) as backend:
+        reasons = sorted(task.dead_reason for task in backend.list_tasks(TaskState.DEAD))
+    assert len(reasons) == 2
+    assert reasons[0].endswith("exit 3: boom from quiet1") and reasons[1].endswith("exit 3: boom from quiet2")
+
+
 def test_failing_task_is_retried_with_backoff_then_dead_lettered_and_flaky_succeeds(tmp_path):
     config = write_config(tmp_path, retry={"max_attempts": 3, "backoff_secs": 0.05})
     record = tmp_path / "runs.txt"
