@@ -63,6 +63,11 @@ class Contender:
     def prepare(self, ctx: RunContext) -> None:
         """Clean, then enqueue ``task_count(ctx.n)`` tasks. Not timed."""
 
+    def left(self, ctx: RunContext) -> int | None:
+        """Tasks still in the queue after the run (None: no queue to look at). A contender whose
+        completion is its exit must leave none: one that gave up early is an error, not a rate."""
+        return None
+
     def start(self, ctx: RunContext) -> Procs:
         raise NotImplementedError
 
@@ -261,6 +266,14 @@ def sqlite_url(ctx: RunContext) -> str:
     return f"sqlite:///{ctx.rundir / 'tasks.db'}"
 
 
+def queue_left(url: str, ctx: RunContext) -> int:
+    from children.backends import open_backend
+
+    with open_backend(url, "ltbench", ctx.rundir) as backend:
+        stats = backend.stats()
+    return stats.ready + stats.leased + stats.delayed
+
+
 def fill_backend(url: str, ctx: RunContext, payloads: list[bytes]) -> None:
     from children.backends import open_backend
 
@@ -298,6 +311,9 @@ class Leasetree(Contender):
             redis_purge(ctx.redis_url)
         count = 0 if ctx.mode == "latency" else self.task_count(ctx.n)
         fill_backend(self.url(ctx), ctx, [b"%d" % i for i in range(count)])
+
+    def left(self, ctx: RunContext) -> int | None:
+        return queue_left(self.url(ctx), ctx)
 
     def start(self, ctx: RunContext) -> Procs:
         argv = [console_script("supervise"), "run"]
@@ -340,6 +356,9 @@ class SeedPort(Contender):
 
     def prepare(self, ctx: RunContext) -> None:
         fill_backend(sqlite_url(ctx), ctx, [b"%d" % i for i in range(self.task_count(ctx.n))])
+
+    def left(self, ctx: RunContext) -> int | None:
+        return queue_left(sqlite_url(ctx), ctx)
 
     def start(self, ctx: RunContext) -> Procs:
         return [spawn([python(), str(ctx.bench_dir / "seed_port.py"), "--url", sqlite_url(ctx), "--name",

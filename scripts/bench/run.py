@@ -140,6 +140,9 @@ class Bench:
             procs = []
             if not m.error:  # after a failure, how it stopped is noise
                 m.notes += notes
+            left = contender.left(ctx) if by_exit and not m.error and mode != "latency" else None
+            if left:
+                m.error = f"exited with {left} of {target} task(s) still in the queue"
             if not by_exit and not m.error and ctx.done_count() > target:
                 m.notes.append(f"{ctx.done_count() - target} task(s) ran twice")
         except Exception as exc:  # any failure of one contender is its row's error, never the run's
