@@ -39,11 +39,25 @@ Stats = dict[str, Any]
 
 def observe(stats: Stats, metric: str, label: str, value: float) -> None:
     """Count ``value`` in histogram ``metric`` (a key of BUCKETS) under ``label``, in place."""
-    index = bisect.bisect_left(BUCKETS[metric], value)  # le semantics: value == bound is in it
-    key = f"hist:{metric}:{label}:{index}_total"
+    bounds, keys, total = _histogram_keys(metric, label)
+    key = keys[bisect.bisect_left(bounds, value)]  # le semantics: value == bound is in it
     stats[key] = stats.get(key, 0) + 1
-    total = f"hist:{metric}:{label}:sum_total"
     stats[total] = stats.get(total, 0.0) + value
+
+
+_KEYS: dict[tuple[str, str], tuple[tuple[float, ...], tuple[str, ...], str]] = {}
+
+
+def _histogram_keys(metric: str, label: str) -> tuple[tuple[float, ...], tuple[str, ...], str]:
+    """The bucket bounds, the key of each bucket and the sum's key: built once per histogram, as
+    ``observe`` runs once per task."""
+    found = _KEYS.get((metric, label))
+    if found is None:
+        bounds = BUCKETS[metric]
+        found = _KEYS[metric, label] = (
+            bounds, tuple(f"hist:{metric}:{label}:{index}_total" for index in range(len(bounds) + 1)),
+            f"hist:{metric}:{label}:sum_total")
+    return found
 
 
 def count(stats: Stats, key: str, by: int = 1) -> None:

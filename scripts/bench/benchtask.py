@@ -16,16 +16,22 @@ import time
 
 _SLEEP_SECS = float(os.environ.get("BENCH_SLEEP_MS") or 0) / 1000.0
 _fd: int | None = None
-_fd_pid = 0
+
+
+def _forget_fd() -> None:
+    # Each process opens a descriptor of its own: a forked child drops the one it inherited.
+    # A fork hook rather than a getpid() check, which is a system call on every task.
+    global _fd
+    _fd = None
+
+
+os.register_at_fork(after_in_child=_forget_fd)
 
 
 def _done_fd() -> int:
-    # One descriptor per process, reopened after a fork so children never share a cached one by
-    # accident (O_APPEND makes sharing harmless, but a closed-on-exec copy would not be).
-    global _fd, _fd_pid
-    if _fd is None or _fd_pid != os.getpid():
+    global _fd
+    if _fd is None:
         _fd = os.open(os.environ["BENCH_DONE_FILE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        _fd_pid = os.getpid()
     return _fd
 
 
