@@ -21,7 +21,7 @@ import zmq
 from children import protocol as p
 from children.backends import Backend, BackendError, BackendUnavailable, Leased, Outcome, open_backend
 from children.ledger import Ledger, Policy
-from children.ratelimit import TokenBucket
+from children.ratelimit import host_share
 from children.retry import dead_reason
 from config.schema import Config
 from supervisor.instrument import instrument
@@ -138,7 +138,7 @@ class Leaser:
         self.ledger = Ledger(Policy(self.lease_secs, float(lc.max_lease_secs), int(cfg.retry.max_attempts),
                                     resend_secs=max(2.0, 20 * float(cfg.reaper.max_latency_ms) / 1000.0),
                                     max_tasks_per_child=int(cfg.executors.max_tasks_per_child)))
-        self.bucket = TokenBucket(float(lc.requests_per_sec))
+        self.bucket = host_share(float(lc.requests_per_sec))
         self.next_lease_at = 0.0
         self.idle_wait = 0.0
         self.last_lease_at = float("-inf")
@@ -415,6 +415,11 @@ class Leaser:
         cap = self.backend.limits.max_extend_batch
         for start in range(0, len(due), cap):
             chunk = due[start:start + cap]
+            wait = self.bucket.wait_secs(now)
+            if wait > 0:  # requests_per_sec: the rest stay due; the loop wakes when the bucket allows
+                self.extend_retry_at = now + wait
+                return
+            self.bucket.take(now)
             self.stats["extend_calls_total"] += 1
             try:
                 results = self.backend.extend(chunk, self.lease_secs)

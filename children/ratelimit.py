@@ -1,7 +1,18 @@
 """A token bucket capping backend calls per second (the seed's ``taskapi_requests_per_sec``).
-Pure: the caller passes ``now``."""
+Pure: the caller passes ``now``.
+
+Two processes of a tree call the backend: the leaser (lease, extend) and the reaper (ack, release,
+dead letter). ``requests_per_sec`` is a budget for the whole host, as the seed's flag was for its
+one process, so each gets an equal share (``host_share``) rather than each the whole rate."""
 
 from __future__ import annotations
+
+CALLERS = 2  # the leaser and the reaper
+
+
+def host_share(requests_per_sec: float) -> TokenBucket:
+    """The bucket of one of the ``CALLERS`` processes that share the host's budget (0 = unlimited)."""
+    return TokenBucket(requests_per_sec / CALLERS)
 
 
 class TokenBucket:

@@ -21,7 +21,7 @@ from children import protocol as p
 from children.backends import BackendUnavailable, Outcome, open_backend
 from children.batcher import Batcher
 from children.inbox import waiting_messages
-from children.ratelimit import TokenBucket
+from children.ratelimit import host_share
 from children.retry import ACK, DEAD, RELEASE, backoff_delay, dead_reason, settle_action
 from config.schema import Config
 from supervisor.instrument import instrument
@@ -44,7 +44,7 @@ class Reaper:
         self.log = logging.getLogger(getattr(ctx, "path", "reaper"))
         self.backend = open_backend(cfg.queue.url, cfg.queue.name, cfg.base_dir)
         self.batch = Batcher(int(cfg.reaper.batch_size), float(cfg.reaper.max_latency_ms) / 1000.0)
-        self.bucket = TokenBucket(float(cfg.leaser.requests_per_sec))
+        self.bucket = host_share(float(cfg.leaser.requests_per_sec))
         self.rng = random.Random()
         self.errors_in_row = 0
         self.stats: dict[str, Any] = {"acked_total": 0, "released_total": 0, "dead_total": 0,

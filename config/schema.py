@@ -142,7 +142,8 @@ TABLE: tuple[Key, ...] = (
         "cap of the backoff between lease attempts while the queue is empty",
         seed="sleep_interval_secs", above=0),
     Key("leaser", "requests_per_sec", "number", 0.0,
-        "cap on backend calls per second from this host; 0 = unlimited",
+        "cap on backend calls per second from this host (lease, extend and settle calls; the "
+        "leaser and the reaper get half each); 0 = unlimited",
         seed="taskapi_requests_per_sec", minimum=0),
     Key("leaser", "tag", "str", "", 'lease only tasks with this tag; "" = any task'),
     Key("leaser", "max_lease_secs", "number", 7200.0,

@@ -3,7 +3,7 @@
 import pytest
 
 from children.batcher import Batcher
-from children.ratelimit import TokenBucket
+from children.ratelimit import TokenBucket, host_share
 from children.retry import ACK, DEAD, RELEASE, backoff_delay, settle_action
 
 
@@ -72,3 +72,21 @@ def test_token_bucket_zero_rate_is_unlimited():
     for _ in range(1000):
         bucket.take(0.0)
     assert bucket.wait_secs(0.0) == 0.0
+
+
+def test_leaser_and_reaper_share_the_hosts_requests_per_sec():
+    # The leaser and the reaper each hold one share: together they stay within the host's budget.
+    leaser, reaper = host_share(10.0), host_share(10.0)
+    calls, now = 0, 0.0
+    while now < 10.0:
+        for bucket in (leaser, reaper):
+            if bucket.wait_secs(now) == 0.0:
+                bucket.take(now)
+                calls += 1
+        now += 0.001
+    # the rate over 10 s, plus each bucket's burst (one second of its share); each alone would allow 100
+    assert 95 <= calls <= 10.0 * 10 + 2 * 5
+
+
+def test_host_share_of_zero_is_unlimited():
+    assert host_share(0.0).wait_secs(0.0) == 0.0
