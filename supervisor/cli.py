@@ -110,6 +110,38 @@ _SEED_EPILOG = ("The queue commands succeed the seed's gtaskqueue verbs:\n"
                 "  getqueue -> queue stats, listtasks -> queue list, gettask -> queue get,\n"
                 "  deletetask -> queue delete, leasetask -> queue lease.")
 
+# What each backend cannot do, in the words of docs/backends.md ("What a backend cannot do"); keep
+# the two in step. Memory, SQLite, Redis and PostgreSQL do everything these commands offer.
+_LIMITS_EPILOG = (
+    "What some backends cannot do (docs/backends.md, \"What a backend cannot do\"):\n"
+    "  NATS: a queue is leased either by tag (leaser.tag, queue lease --tag) or without a\n"
+    "        tag filter, not both: once one kind has leased, the other fails in one line.\n"
+    "        A release cannot take back a delivery (a task handed back unstarted still uses\n"
+    "        an attempt); a released or expired task shows as leased until redelivered.\n"
+    "  SQS:  queue list, get and delete see dead tasks only (reading a live task would\n"
+    "        lease it); no lease by tag (queue lease --tag and leaser.tag are refused; a\n"
+    "        tag given to enqueue is kept, but use one queue per tag); enqueue --delay is at\n"
+    "        most 900 s; stats counts are approximate, with no oldest age; a release cannot\n"
+    "        take back a delivery; a stale receipt is not detected.")
+
+
+def _epilog(*parts: str) -> str:
+    return "\n\n".join(part for part in parts if part)
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the version is looked up only when asked for (importlib.metadata reads the
+    installed distributions: ~15 ms that every ``supervise run`` would pay at parser build time)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: Any = argparse.SUPPRESS, help: str = "show the version and exit") -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> NoReturn:
+        print(f"{parser.prog} {_version()}")
+        parser.exit()
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argparse tree; each subcommand sets ``handler``."""
@@ -120,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "its queue.\n\n`supervise CONFIG` is `supervise run CONFIG`.",
         epilog="Exit codes: 0 ok, 1 gave up or runtime failure, 2 usage or config error.\n"
                + _SEED_EPILOG)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, handler: Any, epilog: str = "",
@@ -151,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "passwords hidden)", _check, "Exit 0 if valid; else every error, one per line, exit 2.")
 
     p = command("enqueue", "add tasks: one per PAYLOAD argument, or one per line of stdin", _enqueue,
-                "Blank stdin lines are skipped. Nothing is enqueued if any payload is bad.")
+                _epilog("Blank stdin lines are skipped. Nothing is enqueued if any payload is bad.",
+                        _LIMITS_EPILOG))
     p.add_argument("payloads", nargs="*", metavar="PAYLOAD", help="task payloads (default: stdin lines)")
     p.add_argument("--tag", default="", help="tag the tasks (leaser.tag selects by tag)")
     p.add_argument("--delay", type=_seconds, default=0.0, metavar="SECS",
@@ -160,36 +193,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     queue = sub.add_parser("queue", help="inspect and manage the queue (the seed's gtaskqueue verbs)",
                            description="Inspect and manage the queue named by CONFIG.",
-                           epilog=_SEED_EPILOG, formatter_class=formatter)
+                           epilog=_epilog(_SEED_EPILOG, _LIMITS_EPILOG), formatter_class=formatter)
     qsub = queue.add_subparsers(dest="queue_command", required=True, metavar="VERB")
-    p = command("stats", "counts of ready, leased, delayed and dead tasks; the oldest task's age "
-                         "(was getqueue)", _queue_stats, parent=qsub)
+
+    def verb(name: str, help: str, handler: Any, epilog: str = "") -> argparse.ArgumentParser:
+        return command(name, help, handler, _epilog(epilog, _LIMITS_EPILOG), parent=qsub)
+
+    p = verb("stats", "counts of ready, leased, delayed and dead tasks; the oldest task's age "
+                      "(was getqueue)", _queue_stats)
     p.add_argument("--json", action="store_true", help="print JSON")
-    p = command("list", "list tasks, oldest first (was listtasks)", _queue_list, parent=qsub)
+    p = verb("list", "list tasks, oldest first (was listtasks)", _queue_list)
     p.add_argument("--state", choices=[s.value for s in TaskState], help="only tasks in this state")
     p.add_argument("--limit", type=_positive_int, default=100, metavar="N", help="at most N (default 100)")
     p.add_argument("--json", action="store_true", help="print JSON (payloads as text or base64)")
-    p = command("get", "show one task; the payload as text if UTF-8, else base64 (was gettask)",
-                _queue_get, parent=qsub)
+    p = verb("get", "show one task; the payload as text if UTF-8, else base64 (was gettask)", _queue_get)
     p.add_argument("task_id", metavar="ID")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p = command("delete", "delete tasks by id, whatever their state (was deletetask)", _queue_delete,
-                parent=qsub)
+    p = verb("delete", "delete tasks by id, whatever their state (was deletetask)", _queue_delete)
     p.add_argument("task_ids", nargs="+", metavar="ID")
-    p = command("lease", "lease tasks to inspect them and print their receipts (was leasetask)",
-                _queue_lease, "The tasks return to the queue when the lease expires; the delivery "
-                              "counts as an attempt.", parent=qsub)
+    p = verb("lease", "lease tasks to inspect them and print their receipts (was leasetask)",
+             _queue_lease, "The tasks return to the queue when the lease expires; the delivery "
+                           "counts as an attempt.")
     p.add_argument("--count", type=_positive_int, default=1, metavar="N", help="lease up to N (default 1)")
     p.add_argument("--lease-secs", type=_seconds, default=None, metavar="S",
                    help="lease length (default: leaser.lease_secs)")
     p.add_argument("--tag", default=None, help="only tasks with this tag (default: any)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p = command("requeue", "make dead-lettered tasks ready again, attempts reset", _queue_requeue,
-                parent=qsub)
+    p = verb("requeue", "make dead-lettered tasks ready again, attempts reset", _queue_requeue)
     p.add_argument("task_ids", nargs="*", metavar="ID", help="these dead tasks")
     p.add_argument("--dead", action="store_true", help="every dead task")
-    p = command("purge", "delete every task in the queue, dead ones included", _queue_purge,
-                parent=qsub)
+    p = verb("purge", "delete every task in the queue, dead ones included", _queue_purge)
     p.add_argument("--yes", action="store_true", help="really do it (required)")
     return parser
 
@@ -306,6 +339,9 @@ def _enqueue(args: argparse.Namespace) -> int:
             if done:
                 _say(f"enqueued {done} of {len(payloads)} tasks before the error below")
             raise
+        except ValueError as exc:  # an argument this backend refuses (SQS: --delay over 900 s)
+            raise UsageError(f"{exc}; " + (f"enqueued {done} of {len(payloads)} tasks before it"
+                                           if done else "nothing enqueued")) from None
     print(f"enqueued {done} task{'s' * (done != 1)} to queue {cfg.queue.name!r}")
     return EXIT_OK
 

@@ -69,12 +69,18 @@ def open_backend(url: str, name: str = "default", base_dir: Path | None = None) 
     module_name, class_name, extra = SCHEMES[scheme]
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if extra and exc.name and not exc.name.startswith("children"):
-            raise BackendConfigError(
-                f"queue.url = {redact_url(url)!r} needs the {exc.name!r} driver: "
-                f"pip install 'leasetree[{extra}]'") from None
-        raise
+    except ImportError as exc:
+        # Not only ModuleNotFoundError: a driver that is there but cannot load says so with a plain
+        # ImportError (psycopg without a libpq: "no pq wrapper available", over several lines).
+        if not extra or (exc.name or "").startswith("children"):
+            raise
+        if isinstance(exc, ModuleNotFoundError) and exc.name:
+            driver = f"the {exc.name!r} driver"
+        else:
+            why = (str(exc).strip().splitlines() or ["ImportError"])[0]
+            driver = f"a driver that does not import ({why})"
+        raise BackendConfigError(
+            f"queue.url = {redact_url(url)!r} needs {driver}: pip install 'leasetree[{extra}]'") from None
     cls = getattr(module, class_name)
     return cls(url, name, base_dir or Path.cwd())
 

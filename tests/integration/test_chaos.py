@@ -30,7 +30,7 @@ def run_chaos(tmp_path: Path, backend: str, seconds: float, tasks: int) -> tuple
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+@pytest.mark.parametrize("backend", ["sqlite", "redis", "postgresql"])
 def test_kills_and_freezes_of_random_children_lose_nothing(tmp_path, backend):
     if backend != "sqlite":
         ok, why = available(backend)

@@ -1,4 +1,5 @@
-"""`supervise` commands through ``main()`` in this process, against a real SQLite queue file.
+"""`supervise` commands through ``main()`` in this process, against a real SQLite queue file, and
+the core ones again against the Redis, PostgreSQL and NATS servers of this machine.
 
 Faster than a subprocess per case, with the same parsing, loading and backend code; the
 subprocess view (exit codes, stderr, no traceback) is in test_cli_process.py.
@@ -7,11 +8,13 @@ subprocess view (exit codes, stderr, no traceback) is in test_cli_process.py.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import sys
 import tomllib
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from children.backends import BackendUnavailable, open_backend
 from children.backends.memory import MemoryBackend
 from supervisor import cli
 from supervisor.exits import EXIT_GAVE_UP, EXIT_OK, EXIT_USAGE
+from tests.backends import SERVER_URLS, available, limitation, require_server, unique_queue
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -230,6 +234,68 @@ def test_queue_purge_needs_yes(capsys: pytest.CaptureFixture[str], cfg_path: Pat
     assert stats(capsys, cfg_path)["ready"] == 0
 
 
+# -- the core commands on the servers ----------------------------------------------------------
+
+@pytest.fixture(params=["redis", "postgresql", "nats"])
+def server_cfg(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """A config on a queue of its own on one server (FAILS under CI=true when the server is not
+    there, skips otherwise); the queue is dropped afterwards."""
+    kind = request.param
+    ok, why = available(kind)
+    if not ok:
+        require_server(kind, why)
+    # what these commands do is what the conformance suite's admin case does: the same limitations
+    if expected := limitation(kind, "test_admin_calls_list_get_delete_purge_and_count"):
+        request.applymarker(pytest.mark.xfail(**expected))
+    url, name = SERVER_URLS[kind], unique_queue("cli")
+    path = tmp_path / "tree.toml"
+    path.write_text(f'[queue]\nurl = "{url}"\nname = "{name}"\n')
+    yield path
+    if kind == "nats":
+        from tests.integration.nats_js import drop_queue
+
+        with contextlib.suppress(Exception):
+            drop_queue(url, name)
+    else:
+        with contextlib.suppress(Exception), open_backend(url, name, tmp_path) as backend:
+            backend.purge()
+
+
+def test_enqueue_stats_list_get_delete_and_requeue_on_a_server(
+        capsys: pytest.CaptureFixture[str], server_cfg: Path) -> None:
+    path = str(server_cfg)
+    cfg = config.load(server_cfg)
+    assert run(capsys, "enqueue", path, "a", "b", "c") == (
+        EXIT_OK, f"enqueued 3 tasks to queue {cfg.queue.name!r}\n", "")
+    assert run(capsys, "enqueue", path, "--delay", "600", "later")[0] == EXIT_OK
+    counts = stats(capsys, server_cfg)
+    assert [counts[k] for k in ("ready", "leased", "delayed", "dead")] == [3, 0, 1, 0]
+    code, out, _ = run(capsys, "queue", "stats", path)
+    assert code == EXIT_OK
+    assert out.splitlines()[:2] == [f"queue    {cfg.queue.name} at {cfg.queue.url}", "ready    3"]
+
+    listed = tasks(capsys, server_cfg)
+    assert [(t["payload"], t["state"]) for t in listed] == [
+        ("a", "ready"), ("b", "ready"), ("c", "ready"), ("later", "delayed")]
+    code, out, _ = run(capsys, "queue", "get", path, listed[3]["id"], "--json")
+    assert code == EXIT_OK and (json.loads(out)["payload"], json.loads(out)["state"]) == ("later", "delayed")
+    code, _, err = run(capsys, "queue", "get", path, "999999999")
+    assert code == EXIT_GAVE_UP
+    assert one_error_line(err) == f"supervise: no task '999999999' in queue {cfg.queue.name!r}"
+    code, out, _ = run(capsys, "queue", "delete", path, listed[2]["id"], "999999999")
+    assert (code, out) == (EXIT_OK, "deleted 1 task (1 not found)\n")
+
+    code, out, _ = run(capsys, "queue", "lease", path, "--count", "2", "--lease-secs", "60", "--json")
+    leased = json.loads(out)
+    assert code == EXIT_OK and [t["payload"] for t in leased] == ["a", "b"]
+    with open_backend(cfg.queue.url, cfg.queue.name, cfg.base_dir) as backend:
+        backend.dead_letter([t["receipt"] for t in leased], "boom")
+    assert [t["payload"] for t in tasks(capsys, server_cfg, "--state", "dead")] == ["a", "b"]
+    assert run(capsys, "queue", "requeue", path, "--dead") == (EXIT_OK, "requeued 2 dead tasks\n", "")
+    counts = stats(capsys, server_cfg)
+    assert [counts[k] for k in ("ready", "leased", "delayed", "dead")] == [2, 0, 1, 0]
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 def test_a_file_that_is_not_a_database(capsys: pytest.CaptureFixture[str], cfg_path: Path) -> None:
@@ -254,6 +320,20 @@ def test_backend_unavailable_exits_1(capsys: pytest.CaptureFixture[str], cfg_pat
     assert one_error_line(err) == "supervise: queue unavailable: connection refused (127.0.0.1:6379)"
 
 
+def test_an_argument_the_backend_refuses_is_one_line_exit_2(
+        capsys: pytest.CaptureFixture[str], cfg_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # as SQS refuses a delay over 900 s (a ValueError from enqueue), without a server to refuse it
+    class Refuses(MemoryBackend):
+        def enqueue(self, payloads, delay_secs=0.0, tag=""):  # noqa: ANN001, ANN202
+            raise ValueError(f"delay of {delay_secs:g} s is over the 900 s that SQS allows")
+
+    monkeypatch.setattr(cli, "open_backend", lambda url, name, base_dir: Refuses())
+    code, out, err = run(capsys, "enqueue", str(cfg_path), "--delay", "1000", "a")
+    assert code == EXIT_USAGE and out == ""
+    assert one_error_line(err) == ("supervise: delay of 1000 s is over the 900 s that SQS allows; "
+                                   "nothing enqueued")
+
+
 @pytest.mark.parametrize("argv", [
     [], ["queue"], ["check"], ["queue", "list", "c.toml", "--limit", "0"],
     ["queue", "list", "c.toml", "--bogus"],
@@ -266,12 +346,27 @@ def test_bad_arguments_are_one_line_exit_2(capsys: pytest.CaptureFixture[str], a
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["queue", "--help"], ["queue", "lease", "--help"],
-                                  ["enqueue", "--help"], ["run", "--help"]])
+                                  ["queue", "list", "--help"], ["enqueue", "--help"], ["run", "--help"]])
 def test_help(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
     code, out, err = run(capsys, *argv)
     assert code == EXIT_OK and err == "" and out.startswith("usage: supervise")
     if argv[0] == "queue":
-        assert "was leasetask" in out or "leasetask -> queue lease" in out
+        assert "(was " in out or "leasetask -> queue lease" in out  # the seed's verb it succeeds
+    if argv[0] in ("queue", "enqueue"):  # what NATS and SQS cannot do, said where it matters
+        text = " ".join(out.split())
+        for limit in ("leased either by tag", "see dead tasks only", "at most 900 s",
+                      "cannot take back a delivery", "approximate"):
+            assert limit in text, limit
+
+
+def test_version_is_looked_up_only_when_asked(capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    looked_up: list[str] = []
+    monkeypatch.setattr(cli, "_version", lambda: looked_up.append("v") or "1.2.3")
+    cli.build_parser().parse_args(["check", "c.toml"])
+    assert looked_up == []
+    assert run(capsys, "--version") == (EXIT_OK, "supervise 1.2.3\n", "")
+    assert looked_up == ["v"]
 
 
 # -- run / status / stop hand over to supervisor.app -------------------------------------------

@@ -4,11 +4,12 @@ Each test runs ``supervise run`` for real against the server on this machine, on
 (purged afterwards), and counts runs through the record file that ``task_funcs.run`` appends to.
 The SQLite versions of the first three live in ``test_pipeline_e2e.py``.
 
-Server outages: PostgreSQL is really stopped and started (its queue is on disk and survives). Redis
-here keeps nothing on disk, so a restart would wipe the queue, and every other test's queue with it:
-that loss is the server's, not ours, and proves nothing about leasetree. The Redis outage is made
-from outside instead (``server_control.redis_outage``): the server is paused for writes and the
-tree's connections are killed again and again, which is what a client sees of a restart or failover.
+Server outages are real stops and starts. PostgreSQL is the machine's cluster (its queue is on disk
+and survives; the test always starts it again). The machine's Redis keeps nothing on disk and every
+test shares it, so a restart would wipe every queue on it: that loss is the server's, not ours, and
+proves nothing about leasetree. The Redis case runs on a ``redis-server`` of the test's own instead
+(``server_control.PrivateRedis``: a free port, every write in its append-only file before it answers),
+which is SHUTDOWN mid-run and started again on the same port and folder.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ from tests.integration.harness import RunningTree, enqueue, queue_stats, records
 pytestmark = pytest.mark.timeout(60)
 
 SERVERS = ["redis", "postgresql"]
+Outage = Callable[[], ContextManager[None]]  # a `with` that stops a server and starts it again
 
 
 @pytest.fixture(params=SERVERS)
@@ -143,18 +147,37 @@ def _backend_errors(tree: RunningTree) -> int:
 
 
 @contextlib.contextmanager
-def _outage(queue: dict[str, str], tree: RunningTree) -> Iterator[None]:
-    """The server of ``queue`` out of reach of ``tree`` for the body of the ``with``."""
-    if queue["url"].startswith("postgresql"):
-        with server_control.postgres_down(queue["url"]):
-            yield
-    else:
-        pids = [tree.process.pid, *worker_pids(tree).values()]  # the test asserts they do not change
-        with server_control.redis_outage(queue["url"], pids):
-            yield
+def _outage_server(kind: str, folder: Path) -> Iterator[tuple[str, Outage]]:
+    """(the URL of a server of ``kind``, a ``with`` that stops it and starts it again). PostgreSQL:
+    the machine's cluster. Redis: a private persistent ``redis-server``, stopped in a finally."""
+    ok, why = available(kind)  # the driver, and for PostgreSQL the server
+    if ok and kind == "redis" and shutil.which("redis-server") is None:
+        ok, why = False, "no redis-server binary to start a private server"
+    if not ok:
+        require_server(kind, why)
+    if kind == "postgresql":
+        url = SERVER_URLS["postgresql"]
+        yield url, lambda: server_control.postgres_down(url)
+        return
+    with server_control.private_redis(folder) as server:
+        yield server.url, server.down
 
 
-def test_server_outage_mid_run_loses_nothing_and_no_child_restarts(tmp_path, queue):
+# its own finally may take ~120 s to bring PostgreSQL back (pg_ctlcluster start, then the wait for an
+# answer): the timeout is well past that, so pytest-timeout never cuts the restart short
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", SERVERS)
+def test_server_outage_mid_run_loses_nothing_and_no_child_restarts(tmp_path, kind):
+    with _outage_server(kind, tmp_path / "redis") as (url, outage):
+        queue = {"url": url, "name": unique_queue("outage")}
+        try:
+            _outage_mid_run(tmp_path, queue, outage)
+        finally:
+            with contextlib.suppress(Exception), open_backend(queue["url"], queue["name"]) as backend:
+                backend.purge()
+
+
+def _outage_mid_run(tmp_path: Path, queue: dict[str, str], outage: Outage) -> None:
     config = write_config(tmp_path, queue=queue, leaser={"lease_secs": 5})
     record = tmp_path / "runs.txt"
     total = 600  # about 6 s of work for two executors: the outage comes in the middle
@@ -163,7 +186,7 @@ def test_server_outage_mid_run_loses_nothing_and_no_child_restarts(tmp_path, que
         before = restarts(tree.wait_ready())
         wait_until(lambda: len(records(record)) >= 40, 30, "work to start")
         errors_before = _backend_errors(tree)
-        with _outage(queue, tree):
+        with outage():
             # the outage lasts until the tree has felt it several times over (retries fail too)
             wait_until(lambda: _backend_errors(tree) >= errors_before + 4, 20,
                        "the tree to see repeated backend errors")
