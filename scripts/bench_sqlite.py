@@ -7,8 +7,8 @@ thread, one connection: the cost of the backend alone). Repeated ``--runs`` time
 and the min-max of each figure. A flat lease+ack rate from the short to the long queue means the
 indexes do their job.
 
-    /work/venv/bin/python scripts/bench_sqlite.py                  # 10 k and 1 M tasks, 3 runs
-    /work/venv/bin/python scripts/bench_sqlite.py --sizes 10000 --runs 5 --profile
+    python scripts/bench_sqlite.py                  # 10 k and 1 M tasks, 3 runs
+    python scripts/bench_sqlite.py --sizes 10000 --runs 5 --profile
 """
 
 from __future__ import annotations

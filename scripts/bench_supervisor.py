@@ -4,9 +4,10 @@
 
 - restart latency: SIGKILL of a worker -> its replacement's Ready received by the root
   (p50 / p99 over --kills kills; target p50 <= 30 ms);
-- idle CPU of a tree with 4 idle workers (root + workers), over 30 s (--quick: 5 s);
+- idle CPU of a tree with 4 idle workers (root + guard + workers), over 30 s (--quick: 5 s);
   target <= 1 % of one core;
-- time to start and to stop a pool of --children workers (200).
+- time to start and to stop a pool of --children workers (200): from the tree's start to the
+  last Ready, and from the stop request to the return of the tree's run.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from supervisor.spec import ChildSpec, SupervisorStart, SupFlags  # noqa: E402
 from supervisor.tree import Tree  # noqa: E402
 
 IDLE = ChildSpec("w", ("tests.integration.workers", "idle", ()))
+READY_TIMEOUT_SECS = 120.0
 
 
 def new_rundir() -> Path:
@@ -54,7 +56,9 @@ def hook_started(on_started) -> None:
     tree_module.ProcessRunner = HookedRunner
 
 
-def in_background(tree: Tree, script) -> tuple[int, object]:
+def in_background(tree: Tree, script, marks: dict | None = None) -> tuple[int, object]:
+    """Run ``tree`` here and ``script()`` in a thread, then stop the tree; ``marks["returned"]``
+    is when the tree's run returned (before the thread is joined and anything is cleaned up)."""
     result: dict = {}
 
     def body() -> None:
@@ -76,6 +80,8 @@ def in_background(tree: Tree, script) -> tuple[int, object]:
     thread = threading.Thread(target=body, daemon=True)
     thread.start()
     code = tree.run()
+    if marks is not None:
+        marks["returned"] = time.monotonic()
     thread.join(60)
     if "error" in result:
         raise result["error"]
@@ -125,8 +131,9 @@ def cpu_seconds_of(pids: list[int]) -> float:
     return total
 
 
-def bench_idle_cpu(seconds: float) -> tuple[float, float]:
-    """(% of a core used by the root, by the 4 workers) over ``seconds`` of an idle tree."""
+def bench_idle_cpu(seconds: float) -> tuple[float, float, float]:
+    """(% of a core used by the root, by its guard, by the 4 workers) over ``seconds`` of an idle
+    tree. The guard (supervisor/guard.py) is a process of the tree too, so it counts."""
     rundir = new_rundir()
     tree = Tree(SupFlags(), [ChildSpec(f"w{i}", IDLE.start) for i in range(4)], rundir, heartbeat_secs=1.0)
 
@@ -134,12 +141,14 @@ def bench_idle_cpu(seconds: float) -> tuple[float, float]:
         while any(r["state"] != "running" for r in control.call(rundir, "status")["children"]):
             time.sleep(0.01)
         workers = [r["pid"] for r in control.call(rundir, "status")["children"]]
-        root0 = cpu_seconds_of([os.getpid()])
+        guard = [tree._runner.guard.pid]
+        root0, guard0 = cpu_seconds_of([os.getpid()]), cpu_seconds_of(guard)
         workers0 = cpu_seconds_of(workers)
         t0 = time.monotonic()
         time.sleep(seconds)  # measuring an idle period is the point here
         wall = time.monotonic() - t0
         return ((cpu_seconds_of([os.getpid()]) - root0) / wall * 100,
+                (cpu_seconds_of(guard) - guard0) / wall * 100,
                 (cpu_seconds_of(workers) - workers0) / wall * 100)
 
     try:
@@ -166,15 +175,17 @@ def bench_many(count: int) -> tuple[float, float]:
     marks: dict = {}
 
     def script():
-        ready.wait(120)
+        if not ready.wait(READY_TIMEOUT_SECS):
+            raise RuntimeError(f"only {seen['n']} of {count} children said Ready within "
+                               f"{READY_TIMEOUT_SECS:g} s")
         marks["stop"] = time.monotonic()
 
     t0 = time.monotonic()
     try:
-        in_background(tree, script)
+        in_background(tree, script, marks)
     finally:
         shutil.rmtree(rundir, ignore_errors=True)
-    return seen["at"] - t0, time.monotonic() - marks["stop"]
+    return seen["at"] - t0, marks["returned"] - marks["stop"]
 
 
 def main() -> int:
@@ -192,14 +203,16 @@ def main() -> int:
     p50 = statistics.median(latencies) * 1000
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000
     idle_secs = 5.0 if args.quick else 30.0
-    root_cpu, workers_cpu = bench_idle_cpu(idle_secs)
+    root_cpu, guard_cpu, workers_cpu = bench_idle_cpu(idle_secs)
     start_secs, stop_secs = bench_many(args.children)
     rows = [
         ("restart latency p50 (SIGKILL -> Ready)", f"{p50:.1f} ms", "<= 30 ms"),
         ("restart latency p99", f"{p99:.1f} ms", ""),
         ("  over kills", f"{len(latencies)}", ">= 50"),
         (f"idle CPU, root ({idle_secs:g} s, 4 workers)", f"{root_cpu:.2f} % of a core", ""),
-        ("idle CPU, root + 4 workers", f"{root_cpu + workers_cpu:.2f} % of a core", "<= 1 %"),
+        ("idle CPU, guard", f"{guard_cpu:.2f} % of a core", ""),
+        ("idle CPU, root + guard + 4 workers", f"{root_cpu + guard_cpu + workers_cpu:.2f} % of a core",
+         "<= 1 %"),
         (f"start {args.children} children", f"{start_secs:.2f} s", ""),
         (f"stop {args.children} children", f"{stop_secs:.2f} s", ""),
     ]

@@ -156,11 +156,15 @@ class TreeCore:
         if code != 0 and self.give_up is not None and self.give_up[0] is sup:
             name = self.give_up[1]
             last = sup.last_exit[1] if sup.last_exit else "?"
-            self.log.error("supervisor %s gave up: child %s restarted %d times within %gs "
-                           "(intensity %d), last exit: %s", sup.path, name, len(sup.history),
-                           sup.flags.period, sup.flags.intensity, last)
+            self.log.error("supervisor=%s child=%s reason=reached_max_restart_intensity: gave up: "
+                           "restarted %d times within %gs (intensity %d), last exit: %s",
+                           sup.path, name, len(sup.history), sup.flags.period, sup.flags.intensity,
+                           last)
         elif code != 0:
-            self.log.error("supervisor %s gave up: %s", sup.path, reason)
+            # A failed start at init: the child's name is in the reason ("child x failed to
+            # start: ..."); the strategy's failed_to_start_child line names it as child= too.
+            name = sup.last_exit[0] if sup.last_exit else "-"
+            self.log.error("supervisor=%s child=%s reason=%s: gave up", sup.path, name, reason)
         else:
             self.log.info("supervisor=%s reason=%s: stopped", sup.path, reason)
         self.finished = Finished(code, reason)

@@ -159,18 +159,18 @@ class ProcessRunner:
                 continue
             proc.deadline = None
             if proc.state == "starting":
-                log.error("child=%s pid=%d reason=no Ready within %gs: killing it", proc.path,
-                          proc.pid, self.start_timeout)
+                log.error("supervisor=%s child=%s pid=%d reason=no Ready within %gs: killing it",
+                          proc.path.rpartition("/")[0], proc.child_id, proc.pid, self.start_timeout)
                 proc.killed_for = reasons.abnormal(
                     f"failed to start: no Ready within {self.start_timeout:g}s")
             else:
-                log.warning("child=%s pid=%d reason=shutdown timeout: killing its process group",
-                            proc.path, proc.pid)
+                log.warning("supervisor=%s child=%s pid=%d reason=shutdown timeout: killing its "
+                            "process group", proc.path.rpartition("/")[0], proc.child_id, proc.pid)
             self._kill_group(proc)
         for ref in self.liveness.expired(now):
             proc = self.procs[ref]
-            log.error("child=%s pid=%d reason=heartbeat timeout (%gs): killing it", proc.path,
-                      proc.pid, self.liveness.timeout)
+            log.error("supervisor=%s child=%s pid=%d reason=heartbeat timeout (%gs): killing it",
+                      proc.path.rpartition("/")[0], proc.child_id, proc.pid, self.liveness.timeout)
             proc.killed_for = reasons.abnormal("heartbeat timeout")
             self._kill_group(proc)
 

@@ -9,6 +9,12 @@ Every mutating call takes a batch, returns one ``Outcome`` per receipt it was gi
 receipt, in no particular order), and is idempotent: calling it twice with the same receipts leaves
 the queue as calling it once did (the second call may answer LOST for receipts already settled).
 
+``Outcome.RETRY`` for a receipt means that item failed transiently while the call as a whole
+answered: nothing is known to have happened to it. The caller treats it as not settled and sends
+the same receipt again later, like a whole call that raised ``BackendUnavailable`` (the reaper
+keeps it in its batch; the leaser extends it again soon). NATS and SQS answer it for a server-side
+fault on one item; ``faulty.py``'s ``retry`` rules produce it over any backend, for tests.
+
 Errors. A call either returns per-item outcomes or raises:
 - ``BackendUnavailable`` for a transient fault (connection lost, database locked past its timeout,
   server restarting). Nothing is known to have happened; the caller retries the same call later with

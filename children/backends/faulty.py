@@ -1,7 +1,7 @@
 """A backend that wraps another and injects faults by plan: for tests and for drills on a real tree.
 
 ``FaultyBackend(inner, plan)`` forwards every call to ``inner``, except that a call the plan picks
-goes wrong in one of four ways (``Rule.kind``):
+goes wrong in one of five ways (``Rule.kind``):
 
 - ``fail``: raise ``BackendUnavailable`` without calling ``inner`` (a refused connection);
 - ``timeout``: sleep ``plan.delay_secs``, then raise ``BackendUnavailable`` without calling
@@ -11,23 +11,33 @@ goes wrong in one of four ways (``Rule.kind``):
   answers OK or LOST and changes nothing more. A half-failed ``lease`` leaves tasks leased by
   nobody until their lease expires; a half-failed ``enqueue`` enqueues twice when retried (enqueue
   is not idempotent, as with any real queue);
-- ``slow``: sleep ``plan.delay_secs``, then call ``inner`` normally (latency near a lease margin).
+- ``slow``: sleep ``plan.delay_secs``, then call ``inner`` normally (latency near a lease margin);
+- ``retry``: the per-item answer ``Outcome.RETRY`` ("this item failed transiently; call again for
+  it later") for chosen receipts of a call that answers one outcome per receipt (extend, ack,
+  release, dead_letter). Those receipts are not passed to ``inner``, so nothing happens to them;
+  the others are forwarded (with their own delays, errors or reasons) and answered as ``inner``
+  answers. A caller must treat a RETRY item as not settled and send it again.
 
 A rule picks calls of one method (``*`` = every data-path method: lease, extend, ack, release,
-dead_letter) either with a probability or on its Nth call (1-based, counted per method). The first
-rule that fires wins. Every method draws from its own RNG seeded with ``(plan.seed, method)``, so the
-faults a method sees depend only on the seed and how many times that method was called, not on the
-interleaving with other methods: a test run is repeatable. Every process that opens the same URL
+dead_letter; for ``retry`` the four with per-item outcomes) either with a probability or on its Nth
+call (1-based, counted per method). The first call-level rule that fires wins. A ``retry`` rule
+picks items instead: on its Nth call every receipt of that call, or each receipt on its own with the
+probability, drawn from an RNG of its own, so batch sizes never shift the call-level faults. Every
+method draws from its own RNG seeded with ``(plan.seed, method)``, so the faults a method sees
+depend only on the seed and how many times that method was called, not on the interleaving with
+other methods: a test run is repeatable. Every process that opens the same URL
 (leaser, reaper, the CLI) draws the same sequence, and a restarted process starts it again.
 
 URL form, so a tree can run on it from its config (``open_backend`` strips ``faulty+``)::
 
     faulty+sqlite:///tasks.db?fail=ack:0.3,lease:0.1&seed=1
     faulty+redis://127.0.0.1:6379/0?half=ack:0.2&timeout=extend@3&delay=0.5
+    faulty+sqlite:///tasks.db?retry=ack:0.2,release@1
 
-Query keys: ``fail``, ``timeout``, ``half``, ``slow`` (each a comma list of ``method:probability`` or
-``method@N``), ``seed`` (an integer, default 0) and ``delay`` (seconds, default 1.0). Any other
-query key is left on the inner URL. A bad plan is a one-line ``BackendConfigError``.
+Query keys: ``fail``, ``timeout``, ``half``, ``slow``, ``retry`` (each a comma list of
+``method:probability`` or ``method@N``), ``seed`` (an integer, default 0) and ``delay`` (seconds,
+default 1.0). Any other query key is left on the inner URL. A bad plan is a one-line
+``BackendConfigError``.
 """
 
 from __future__ import annotations
@@ -55,8 +65,10 @@ from children.backends.base import (
 )
 
 PREFIX = "faulty+"
-KINDS = ("fail", "timeout", "half", "slow")
+KINDS = ("fail", "timeout", "half", "slow", "retry")
 DATA_PATH = ("lease", "extend", "ack", "release", "dead_letter")
+#: the calls that answer one Outcome per receipt: the only ones a ``retry`` rule can pick items of
+PER_ITEM = ("extend", "ack", "release", "dead_letter")
 METHODS = DATA_PATH + ("enqueue", "stats", "list_tasks", "get", "delete", "requeue_dead", "purge")
 DEFAULT_DELAY_SECS = 1.0
 
@@ -78,6 +90,9 @@ class Rule:
             raise BackendConfigError(f"fault rule: method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.kind not in KINDS:
             raise BackendConfigError(f"fault rule: kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.kind == "retry" and self.method not in PER_ITEM:
+            raise BackendConfigError(f"fault rule: retry picks items of a per-item call "
+                                     f"({', '.join(PER_ITEM)}), and {self.method} is not one")
         if not 0.0 <= self.probability <= 1.0:
             raise BackendConfigError(
                 f"fault rule {self.method}: probability {self.probability} is not in [0, 1]")
@@ -121,7 +136,7 @@ def parse_rules(kind: str, spec: str) -> list[Rule]:
             number, chance = 0, _number(float, chance_text, kind, spec, item)
         else:
             raise _bad_item(kind, spec, item)
-        for name in DATA_PATH if method == "*" else (method,):
+        for name in ((PER_ITEM if kind == "retry" else DATA_PATH) if method == "*" else (method,)):
             rules.append(Rule(name, kind, chance, number))
     return rules
 
@@ -166,6 +181,15 @@ def split_url(url: str) -> tuple[str, Plan]:
     return inner + ("?" + "&".join(kept) if kept else ""), Plan.of(seed, delay, **kinds)
 
 
+def _without(args: tuple[Any, ...], dropped: set[str]) -> tuple[Any, ...]:
+    """A per-item call's arguments (receipts first) without the ``dropped`` receipts: every
+    argument that is a list or tuple holds one value per receipt and loses the same positions."""
+    receipts = list(args[0])
+    keep = [i for i, receipt in enumerate(receipts) if receipt not in dropped]
+    return tuple([list(arg)[i] for i in keep] if isinstance(arg, (list, tuple)) else arg
+                 for arg in args)
+
+
 def open_faulty(url: str, name: str = "default", base_dir: Path | None = None) -> FaultyBackend:
     """Open ``faulty+INNER?plan``: the inner backend through ``open_backend``, wrapped by its plan."""
     from children.backends import open_backend  # the factory imports this module lazily
@@ -179,9 +203,10 @@ def open_faulty(url: str, name: str = "default", base_dir: Path | None = None) -
 class FaultyBackend(Backend):
     """``inner`` with the faults of ``plan`` injected; see the module docstring.
 
-    ``calls[method]`` counts calls made, ``injected[(method, kind)]`` the faults injected: a test
-    reads them to know its faults really happened. ``sleep`` is injectable so a unit test can run the
-    ``timeout`` and ``slow`` faults without waiting.
+    ``calls[method]`` counts calls made, ``injected[(method, kind)]`` the faults injected (for
+    ``retry``: the receipts answered RETRY): a test reads them to know its faults really happened.
+    ``sleep`` is injectable so a unit test can run the ``timeout`` and ``slow`` faults without
+    waiting.
     """
 
     name = "faulty"
@@ -193,9 +218,12 @@ class FaultyBackend(Backend):
         self.calls: Counter[str] = Counter()
         self.injected: Counter[tuple[str, str]] = Counter()
         self._sleep = sleep
-        self._rules = {m: [r for r in plan.rules if r.method == m] for m in METHODS}
+        self._rules = {m: [r for r in plan.rules if r.method == m and r.kind != "retry"] for m in METHODS}
+        self._item_rules = {m: [r for r in plan.rules if r.method == m and r.kind == "retry"]
+                            for m in PER_ITEM}
         # str seeds hash with sha512: the same sequence in every process and Python run
         self._rng = {m: random.Random(f"{plan.seed}:{m}") for m in METHODS}
+        self._item_rng = {m: random.Random(f"{plan.seed}:{m}:items") for m in PER_ITEM}
 
     def _fault(self, method: str) -> str | None:
         """Count the call and say which fault (if any) it gets. Every probability rule draws on
@@ -212,6 +240,25 @@ class FaultyBackend(Backend):
             log.debug("injecting %s into %s call %d", chosen, method, number)
         return chosen
 
+    def _retried(self, method: str, receipts: Sequence[str]) -> set[str]:
+        """The receipts of this call that answer RETRY. A probability rule draws once per receipt,
+        chosen or not, so the sequence depends only on the seed and the receipts seen."""
+        number = self.calls[method]
+        chosen: set[str] = set()
+        for rule in self._item_rules.get(method, ()):
+            if rule.on_call:
+                if rule.on_call == number:
+                    chosen.update(receipts)
+                continue
+            for receipt in receipts:
+                if self._item_rng[method].random() < rule.probability:
+                    chosen.add(receipt)
+        if chosen:
+            self.injected[(method, "retry")] += len(chosen)
+            log.debug("answering retry for %d of %d receipts of %s call %d", len(chosen),
+                      len(receipts), method, number)
+        return chosen
+
     def _call(self, method: str, *args: Any) -> Any:
         kind = self._fault(method)
         where = f"faulty: {method} call {self.calls[method]}"
@@ -221,7 +268,12 @@ class FaultyBackend(Backend):
             self._sleep(self.plan.delay_secs)
             if kind == "timeout":
                 raise BackendUnavailable(f"{where}: injected timeout after {self.plan.delay_secs}s")
-        result = getattr(self.inner, method)(*args)
+        retried = self._retried(method, args[0]) if method in PER_ITEM else set()
+        if retried:
+            result = dict(getattr(self.inner, method)(*_without(args, retried)))
+            result.update(dict.fromkeys(retried, Outcome.RETRY))
+        else:
+            result = getattr(self.inner, method)(*args)
         if kind == "half":
             raise BackendUnavailable(f"{where}: injected failure after the call took effect")
         return result

@@ -107,13 +107,21 @@ def test_lease_batch_is_clamped_to_max_lease_batch(backend: Backend) -> None:
 def test_long_poll_returns_when_a_task_arrives(queue: Queue) -> None:
     waiter, producer = queue.open(), queue.open()
     assert waiter.lease(1, LONG) == []
-    thread = threading.Thread(target=producer.enqueue, args=([b"late"],))
-    started = time.monotonic()
+    returned = threading.Event()
+    in_time: list[bool] = []
+
+    def produce() -> None:
+        producer.enqueue([b"late"])
+        # the waiter's long poll must end because the task came, well before its wait runs out
+        in_time.append(returned.wait(30.0))
+
+    thread = threading.Thread(target=produce)
     thread.start()
-    got = waiter.lease(1, LONG, wait_secs=20.0)
+    got = waiter.lease(1, LONG, wait_secs=45.0)
+    returned.set()
     thread.join()
     assert [t.payload for t in got] == [b"late"]
-    assert time.monotonic() - started < 20.0
+    assert in_time == [True], "the long poll ran out its wait instead of returning with the task"
 
 
 def test_wait_for_work_wakes_on_enqueue(queue: Queue) -> None:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import stat
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -55,6 +55,23 @@ def running(rd: Path, *names: str):
 
 def events(log: Path) -> list[str]:
     return [" ".join(line.split()[:2]) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+REPORT = re.compile(
+    r"supervisor=(?P<supervisor>\S+) child=(?P<child>\S+) (?:pid=\d+ )?reason=(?P<reason>.+?): ")
+
+
+def reports(caplog, words: str) -> list[dict[str, str]]:
+    """The supervisor, child and reason of every log record that holds ``words``; a record that
+    holds them without the three fields fails the test."""
+    found = []
+    for record in caplog.records:
+        message = record.getMessage()
+        if words in message:
+            match = REPORT.match(message)
+            assert match, f"no supervisor=, child=, reason= in: {message}"
+            found.append(match.groupdict())
+    return found
 
 
 @pytest.mark.timeout(30)
@@ -151,7 +168,8 @@ def test_intensity_exceeded_gives_up_with_one_line(rundir: Path, caplog) -> None
     assert code == 1
     lines = [r.getMessage() for r in caplog.records if "gave up" in r.getMessage()]
     assert lines == [
-        "supervisor root gave up: child crasher restarted 3 times within 60s (intensity 2), last exit: exit 3"
+        "supervisor=root child=crasher reason=reached_max_restart_intensity: gave up: "
+        "restarted 3 times within 60s (intensity 2), last exit: exit 3"
     ]
 
 
@@ -161,6 +179,8 @@ def test_child_that_cannot_start_makes_the_tree_give_up(rundir: Path, caplog) ->
     with caplog.at_level(logging.INFO):
         assert tree.run() == 1
     assert any("child broken failed to start: exit 1" in r.getMessage() for r in caplog.records)
+    (gave_up,) = reports(caplog, "gave up")
+    assert gave_up["supervisor"] == "root" and "child broken failed to start" in gave_up["reason"]
 
 
 @pytest.mark.timeout(30)
@@ -169,6 +189,8 @@ def test_never_ready_fails_after_start_timeout(rundir: Path, caplog) -> None:
     with caplog.at_level(logging.INFO):
         assert tree.run() == 1
     assert any("no Ready within 0.5s" in r.getMessage() for r in caplog.records)
+    assert reports(caplog, "killing it") == [
+        {"supervisor": "root", "child": "mute", "reason": "no Ready within 0.5s"}]
 
 
 @pytest.mark.timeout(30)
@@ -203,34 +225,45 @@ def test_heartbeat_timeout_kills_a_frozen_child(rundir: Path, caplog) -> None:
         code, _ = run_tree(tree, script)
     assert code == 0
     assert any("reason=heartbeat timeout: child_terminated" in r.getMessage() for r in caplog.records)
+    kills = reports(caplog, "killing it")
+    assert kills and all(k == {"supervisor": "root", "child": "frozen", "reason": "heartbeat timeout (0.5s)"}
+                         for k in kills)
 
 
 @pytest.mark.timeout(30)
-def test_shutdown_timeout_kills_the_whole_group(rundir: Path) -> None:
-    pidfile = rundir / "sleeper.pids"
+def test_shutdown_timeout_kills_the_whole_group(rundir: Path, caplog) -> None:
+    stubborn_pids, sleeper_pids = rundir / "stubborn.pids", rundir / "sleeper.pids"
     tree = make_tree(
         rundir,
         SupFlags(),
         [
-            w("stubborn", "ignore_sigterm", shutdown=0.3),
-            w("sleeper", "spawn_sleep", str(pidfile), shutdown="brutal_kill"),
+            w("stubborn", "ignore_sigterm_with_shell", str(stubborn_pids), shutdown=0.3),
+            w("sleeper", "spawn_sleep", str(sleeper_pids), shutdown="brutal_kill"),
         ],
     )
 
     def script(rd):
         wait_until(lambda: running(rd, "stubborn", "sleeper"), what="both up")
         stubborn = pids(rd)["stubborn"]
-        shell, sleeper = map(int, pidfile.read_text().split())
-        started = time.monotonic()
+        grandchildren = [int(pid) for f in (stubborn_pids, sleeper_pids) for pid in f.read_text().split()]
+        assert all(map(pid_alive, grandchildren))
         control.call(rd, "stop")
-        return stubborn, shell, sleeper, started
+        return stubborn, grandchildren
 
-    code, (stubborn, shell, sleeper, started) = run_tree(tree, script)
-    elapsed = time.monotonic() - started
+    with caplog.at_level(logging.INFO):
+        code, (stubborn, grandchildren) = run_tree(tree, script)
     assert code == 0
-    assert 0.3 <= elapsed < 3.0
-    for pid in (stubborn, shell, sleeper):
+    # stubborn ignored its SIGTERM (sent to it alone, not its group), so the shutdown timeout
+    # fired for it and for nobody else; the SIGKILL of its group took its shell and that shell's
+    # sleep too
+    assert reports(caplog, "shutdown timeout") == [
+        {"supervisor": "root", "child": "stubborn", "reason": "shutdown timeout"}]
+    for pid in (stubborn, *grandchildren):
         assert not pid_alive(pid)
+    # OTP reports a child killed after its shutdown timeout as `killed`; here it is `shutdown`
+    # (docs/supervision.md, deviations): the supervisor's own stop, whatever signal ended it
+    (stopped,) = reports(caplog, "child=stubborn reason=shutdown: stopped")
+    assert stopped["reason"] == "shutdown"
 
 
 @pytest.mark.timeout(30)
@@ -239,7 +272,8 @@ def test_control_answers_during_a_slow_stop_and_cold_cuts_it_short(rundir: Path)
     tree = make_tree(
         rundir,
         SupFlags(),
-        [w("first", "idle", str(log)), w("drainer", "slow_stop", 20, str(log), shutdown="infinity")],
+        # a drain longer than this test's timeout: only the cold stop can end it in time
+        [w("first", "idle", str(log)), w("drainer", "slow_stop", 3600, str(log), shutdown="infinity")],
     )
 
     def script(rd):
@@ -255,26 +289,69 @@ def test_control_answers_during_a_slow_stop_and_cold_cuts_it_short(rundir: Path)
             control.call(rd, "restart_child", {"id": "first"})
         control.call(rd, "stop", {"cold": True})
 
-    started = time.monotonic()
     code, _ = run_tree(tree, script)
-    assert code == 0 and time.monotonic() - started < 10
-    assert "stop drainer" in events(log)
+    assert code == 0
+    assert [e for e in events(log) if e.startswith("stop")] == ["stop drainer", "stop first"]
     drainer_stop = [line for line in log.read_text().splitlines() if line.startswith("stop drainer")]
     assert drainer_stop[0].split()[-1] == "2"  # it saw the cold stop
 
 
 @pytest.mark.timeout(30)
-def test_sigterm_to_the_root_is_a_warm_stop(rundir: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_to_the_root_is_a_warm_stop(rundir: Path, signum: int) -> None:
     log = rundir / "events.log"
     tree = make_tree(rundir, SupFlags(), [w("a", "idle", str(log)), w("b", "idle", str(log))])
 
     def script(rd):
         wait_until(lambda: running(rd, "a", "b"), what="up")
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signum)
 
     code, _ = run_tree(tree, script)
     assert code == 0
-    assert [line for line in events(log) if line.startswith("stop")] == ["stop b", "stop a"]
+    stops = [line.split() for line in log.read_text().splitlines() if line.startswith("stop")]
+    assert [(s[1], s[3]) for s in stops] == [("b", "1"), ("a", "1")]  # reverse order, warm (one signal)
+
+
+@pytest.mark.timeout(30)
+def test_control_socket_during_a_slow_restart_then_terminate_and_restart(rundir: Path) -> None:
+    gate = rundir / "gate"
+    gate.touch()
+    tree = make_tree(rundir, SupFlags(intensity=5),
+                     [w("a"), w("slow", "start_when_exists", str(gate)), w("c")])
+
+    def script(rd):
+        wait_until(lambda: running(rd, "a", "slow", "c"), what="all running")
+        before = pids(rd)
+        gate.unlink()
+        os.kill(before["slow"], signal.SIGKILL)
+        # slow's restart waits for the gate: the supervisor is busy, and still answers queries
+        rows = wait_until(
+            lambda: (r := control.call(rd, "which_children"))[1]["state"] == "starting" and r,
+            what="slow restarting",
+        )
+        assert [(r["id"], r["state"]) for r in rows] == [("c", "running"), ("slow", "starting"),
+                                                        ("a", "running")]
+        assert rows[1]["pid"] is None and not pid_alive(before["slow"])
+        assert control.call(rd, "count_children") == {"specs": 3, "active": 2, "supervisors": 0,
+                                                      "workers": 3}
+        gate.touch()
+        wait_until(lambda: running(rd, "a", "slow", "c"), what="slow restarted")
+        assert control.call(rd, "count_children")["active"] == 3
+
+        assert control.call(rd, "terminate_child", {"id": "c"}) == "ok"
+        assert not pid_alive(before["c"])
+        assert control.call(rd, "which_children")[0] == {"id": "c", "pid": None, "state": "undefined",
+                                                         "type": "worker"}
+        new_pid = control.call(rd, "restart_child", {"id": "c"})
+        assert new_pid not in (None, before["c"]) and pid_alive(new_pid)
+        assert running(rd, "a", "slow", "c")["c"]["pid"] == new_pid
+        after = pids(rd)
+        control.call(rd, "stop")
+        return before, after
+
+    code, (before, after) = run_tree(tree, script)
+    assert code == 0
+    assert after["a"] == before["a"]  # one_for_one: neither the restart nor the calls touched a
 
 
 @pytest.mark.timeout(30)

@@ -69,6 +69,23 @@ def ignore_sigterm(ctx, log: str | None = None) -> int:
         _note(log, f"ignored {ctx.child_id} {os.getpid()} {ctx.stop_requested}")
 
 
+def ignore_sigterm_with_shell(ctx, pidfile: str, log: str | None = None) -> int:
+    """Starts ``sh -c 'sleep 300; true'`` in this worker's process group (its ``sleep`` is a
+    grandchild of this worker), writes "<sh pid> <sleep pid>" to ``pidfile``, says Ready, and never
+    stops on its own: only the SIGKILL of its group after the shutdown timeout ends it all."""
+    proc = subprocess.Popen(["sh", "-c", "sleep 300; true"])
+    _record_shell(proc, pidfile)
+    return ignore_sigterm(ctx, log)
+
+
+def start_when_exists(ctx, gate: str, log: str | None = None) -> int:
+    """Says Ready only once ``gate`` exists (a start as slow as the test wants), then idles."""
+    while not os.path.exists(gate):
+        if _wait_for_stop(ctx, 0.01):
+            return 0
+    return idle(ctx, log)
+
+
 def slow_stop(ctx, secs: float, log: str | None = None) -> int:
     """Says Ready; when told to stop, takes ``secs`` seconds to finish (a drain)."""
     _note(log, f"start {ctx.child_id} {os.getpid()}")
@@ -105,8 +122,10 @@ def block_gil(ctx) -> int:
     import ctypes
 
     ctx.ready()
-    ctx._ready_sent.wait(5)
-    ctx._poke.wait(0.05)  # let zmq's own (non-Python) IO thread put Ready on the wire
+    # Once Ready is handed to zmq, zmq's own IO thread (native code, no GIL) puts it on the wire
+    # even while this thread holds the GIL below; before that, the GIL would keep it unsent.
+    if not ctx._ready_sent.wait(5):
+        return 1
     ctypes.PyDLL(None).sleep(60)
     return 0
 
@@ -128,6 +147,14 @@ def spawn_tracked(ctx, pidfile: str) -> int:
 
 
 def _record_shell_and_idle(ctx, proc, pidfile: str) -> int:
+    _record_shell(proc, pidfile)
+    ctx.ready()
+    _wait_for_stop(ctx)
+    return 0
+
+
+def _record_shell(proc, pidfile: str) -> None:
+    """Write "<shell pid> <its child's pid>" to ``pidfile`` (atomically), once the shell forked."""
     deadline = time.monotonic() + 5
     sleeper = None
     while sleeper is None and time.monotonic() < deadline:
@@ -143,9 +170,6 @@ def _record_shell_and_idle(ctx, proc, pidfile: str) -> int:
     with open(tmp, "w") as f:
         f.write(f"{proc.pid} {sleeper}")
     os.replace(tmp, pidfile)
-    ctx.ready()
-    _wait_for_stop(ctx)
-    return 0
 
 
 def count_up(ctx, per_beat: int = 5) -> int:

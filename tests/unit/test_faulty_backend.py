@@ -1,10 +1,13 @@
 """children/backends/faulty.py over the memory backend: each fault kind, call selection, seeding, the
-URL form, and the property that matters: a consumer that retries every failed call loses nothing."""
+URL form, and the property that matters: a consumer that retries every failed call (or item) loses
+nothing."""
 
 from __future__ import annotations
 
+import uuid
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,7 +19,7 @@ from children.backends import (
     open_backend,
     redact_url,
 )
-from children.backends.faulty import DATA_PATH, FaultyBackend, Plan, Rule, split_url
+from children.backends.faulty import DATA_PATH, PER_ITEM, FaultyBackend, Plan, Rule, split_url
 from children.backends.memory import FakeClock, MemoryBackend
 from config import ConfigError, validate
 
@@ -94,6 +97,86 @@ def test_slow_sleeps_then_succeeds() -> None:
     inner.enqueue([b"p"])
     assert [t.payload for t in backend.lease(1, 30)] == [b"p"]
     assert slept == [0.25] and backend.injected == {("lease", "slow"): 1}
+
+
+def test_retry_on_a_call_answers_retry_for_every_item_and_changes_nothing() -> None:
+    backend, inner, _ = faulty(retry="ack@1")
+    receipts = [leased_one(inner, p) for p in (b"a", b"b", b"c")]
+    assert backend.ack(receipts) == dict.fromkeys(receipts, Outcome.RETRY)
+    assert inner.stats().leased == 3  # not passed on: nothing happened to them
+    assert backend.injected == {("ack", "retry"): 3}
+    assert backend.ack(receipts) == dict.fromkeys(receipts, Outcome.OK)  # asked again: settled
+    assert inner.stats().leased == 0
+
+
+def test_retry_by_probability_picks_items_and_forwards_the_rest_with_their_own_values() -> None:
+    backend, inner, _ = faulty(seed=4, retry="release:0.5")
+    tasks = {leased_one(inner, str(i).encode()): f"error {i}" for i in range(40)}
+    receipts = list(tasks)
+    outcomes = backend.release(receipts, [float(i) for i in range(40)], [tasks[r] for r in receipts])
+    retried = {r for r, o in outcomes.items() if o == Outcome.RETRY}
+    assert set(outcomes) == set(receipts) and 0 < len(retried) < 40
+    assert {o for r, o in outcomes.items() if r not in retried} == {Outcome.OK}
+    for receipt in receipts:
+        info = inner.get(receipt.split(".")[0])
+        if receipt in retried:
+            assert (info.state, info.last_error) == ("leased", "")
+        else:  # each kept item got its own error and delay, not a neighbour's
+            index = receipts.index(receipt)
+            assert info.last_error == f"error {index}"
+            assert info.visible_at == pytest.approx(inner._clock() + index)
+    again, _, _ = faulty(seed=4, retry="release:0.5")
+    other = [leased_one(again.inner, str(i).encode()) for i in range(40)]
+    same = again.release(other, 0.0)
+    assert [same[r] for r in other] == [outcomes[r] for r in receipts]  # seeded: the same items
+
+
+def test_retry_rules_only_pick_per_item_calls() -> None:
+    with pytest.raises(BackendConfigError, match="retry picks items of a per-item call"):
+        Plan.of(retry="lease@1")
+    assert {r.method for r in Plan.of(retry="*:0.1").rules} == set(PER_ITEM)
+
+
+def test_retry_items_do_not_shift_the_call_level_faults() -> None:
+    plain, _, _ = faulty(seed=9, fail="ack:0.3")
+    mixed, _, _ = faulty(seed=9, fail="ack:0.3", retry="ack:0.5")
+    assert _fault_pattern(plain, "ack", 300) == _fault_pattern(mixed, "ack", 300)
+
+
+def test_reaper_keeps_retried_items_unsettled_and_settles_them_on_a_later_flush() -> None:
+    """children/reaper.py: an item answered RETRY is not reported settled to the leaser and stays
+    in the batch; a later flush sends it again, and only then is it acked and confirmed."""
+    from children import protocol as p
+    from children.reaper import Reaper
+
+    key = f"retry-{uuid.uuid4().hex[:8]}"
+    cfg = validate({"queue": {"url": f"faulty+memory://{key}?retry=ack@1,ack:0.5&seed=2"}}, CONFIG)
+    reaper = Reaper(SimpleNamespace(path="root/reaper"), cfg)
+    sent: list[p.Message] = []
+    reaper.sock = SimpleNamespace(send=lambda frame, flags=0: sent.append(p.decode(frame)))
+    queue = MemoryBackend(f"memory://{key}", cfg.queue.name)  # the same store, seen directly
+    receipts = [leased_one(queue, str(i).encode()) for i in range(10)]
+    for receipt in receipts:
+        reaper.batch.add(receipt, [receipt.split(".")[0], receipt, True, "", 1], 0.0)
+
+    reaper.flush(0.0, draining=True)  # ack call 1: every item RETRY
+    assert sent == [] and len(reaper.batch) == 10 and queue.stats().leased == 10
+    assert reaper.stats["acked_total"] == 0
+
+    for _ in range(50):  # later ack calls: each item RETRY with probability 0.5
+        if not len(reaper.batch):
+            break
+        unsettled, before = set(reaper.batch.items), len(sent)
+        reaper.flush(reaper.batch.not_before, draining=True)
+        confirmed_now = {r for m in sent[before:] for r in m.receipts}
+        # what is still held is exactly what was not confirmed, and it is still leased
+        assert set(reaper.batch.items) == unsettled - confirmed_now
+        assert queue.stats().leased == len(reaper.batch)
+    assert len(reaper.batch) == 0
+    confirmed = [r for m in sent for r, o in zip(m.receipts, m.outcomes, strict=True) if o == p.ACKED]
+    assert sorted(confirmed) == sorted(receipts) and len(confirmed) == len(set(confirmed))
+    assert all(isinstance(m, p.Settled) for m in sent) and len(sent) > 1  # some waited a flush
+    assert reaper.stats["acked_total"] == 10 and reaper.stats["lost_total"] == 0
 
 
 # -- which calls ---------------------------------------------------------------------------
