@@ -26,8 +26,9 @@ simply a ready task, with no sweeper: ``ready`` = ``visible_at <= now``; ``lease
 - ``tag=None`` leases any tag; a string leases exactly that tag (``""`` = untagged only).
 - Ready tasks are leased in the order they became ready (enqueue time, release delay, lease
   expiry); a batch comes back sorted by id.
-- Times are wall-clock seconds (``time.time()``), because every process on the host shares them;
-  a step of the system clock moves lease expiries and delays with it.
+- Times are wall-clock seconds (``time.time()``, or the ``clock`` given to the constructor), because
+  every process on the host shares them; a step of the system clock moves lease expiries and delays
+  with it (docs/guarantees.md, "Clock"). Waits (``wait_secs``, polling) use the monotonic clock.
 - A connection must not cross ``fork``: open the backend in the process that uses it.
 - ``lease(wait_secs>0)`` and ``wait_for_work`` do not spin: they poll ``PRAGMA data_version`` (it
   changes only when another connection commits) every ``POLL_SECS`` and query again only when it
@@ -47,7 +48,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -192,7 +193,9 @@ class SqliteBackend(Backend):
 
     name = "sqlite"
 
-    def __init__(self, url: str, name: str = "default", base_dir: Path | None = None) -> None:
+    def __init__(self, url: str, name: str = "default", base_dir: Path | None = None, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock  # wall-clock seconds; injectable so a test can step it (clock jumps)
         self.path = resolve_path(url, base_dir or Path.cwd())
         self.queue = name
         self._limits = Limits(min_lease_secs=0.05)
@@ -330,7 +333,7 @@ class SqliteBackend(Backend):
     def _lease_once(self, max_tasks: int, lease_secs: float, tag: str | None) -> list[Leased]:
         where, key = self._tag_filter(tag, "<=")
         with self._write() as conn:
-            now = time.time()
+            now = self._clock()
             rows = conn.execute(_LEASE.format(where=where), (now + lease_secs, *key, now, max_tasks)
                                 ).fetchall()
         rows.sort()
@@ -360,7 +363,7 @@ class SqliteBackend(Backend):
                     return False
                 time.sleep(min(step, remaining))
                 step = min(POLL_MAX_SECS, step * 1.5)
-                if due is not None and time.time() >= due:
+                if due is not None and self._clock() >= due:
                     return True
                 now_version = conn.execute("PRAGMA data_version").fetchone()[0]
                 if now_version != version:
@@ -373,13 +376,13 @@ class SqliteBackend(Backend):
 
     def _has_ready(self, conn: sqlite3.Connection, tag: str | None) -> bool:
         where, key = self._tag_filter(tag, "<=")
-        return conn.execute(f"SELECT 1 FROM tasks WHERE {where} LIMIT 1", (*key, time.time())
+        return conn.execute(f"SELECT 1 FROM tasks WHERE {where} LIMIT 1", (*key, self._clock())
                             ).fetchone() is not None
 
     def _next_due(self, conn: sqlite3.Connection, tag: str | None) -> float | None:
         """When the next delayed task or lease falls due (wall clock), None if nothing will."""
         where, key = self._tag_filter(tag, ">")
-        return conn.execute(f"SELECT min(visible_at) FROM tasks WHERE {where}", (*key, time.time())
+        return conn.execute(f"SELECT min(visible_at) FROM tasks WHERE {where}", (*key, self._clock())
                             ).fetchone()[0]
 
     def wait_for_work(self, timeout_secs: float) -> bool:
@@ -406,7 +409,7 @@ class SqliteBackend(Backend):
         return {receipt: Outcome.OK if fence in done else Outcome.LOST for receipt, fence in parsed.items()}
 
     def extend(self, receipts: Sequence[str], lease_secs: float) -> dict[str, Outcome]:
-        until = time.time() + self.clamp_lease(lease_secs)
+        until = self._clock() + self.clamp_lease(lease_secs)
         return self._settle(receipts, "UPDATE tasks SET visible_at = ? WHERE +queue = ? AND id IN ({ids}) "
                                       "AND token IN ({tokens}) AND leased = 1 RETURNING id, token", (until,))
 
@@ -418,7 +421,7 @@ class SqliteBackend(Backend):
                 errors: Sequence[str] | None = None, count_attempt: bool = True) -> dict[str, Outcome]:
         delays = per_item(delay_secs, len(receipts), "release delay_secs")
         errs = per_item(errors, len(receipts), "release errors") if errors is not None else None
-        now = time.time()
+        now = self._clock()
         rows = []
         for i, receipt in enumerate(receipts):
             err = errs[i] if errs is not None else None
@@ -459,7 +462,7 @@ class SqliteBackend(Backend):
                 raise ValueError(f"payload of {len(payload)} bytes is over the {cap}-byte limit")
         if not payloads:
             return []
-        now = time.time()
+        now = self._clock()
         visible = now + max(0.0, delay_secs)
         with self._write() as conn:
             conn.executemany(
@@ -473,7 +476,7 @@ class SqliteBackend(Backend):
 
     def stats(self) -> QueueStats:
         with self._read() as conn:
-            now = time.time()
+            now = self._clock()
             q = self.queue
             ready = conn.execute("SELECT count(*) FROM tasks WHERE queue = ? AND visible_at <= ?",
                                  (q, now)).fetchone()[0]
@@ -510,7 +513,7 @@ class SqliteBackend(Backend):
             TaskState.DEAD: "AND visible_at IS NULL",
         }[state]
         with self._read() as conn:
-            now = time.time()
+            now = self._clock()
             rows = conn.execute(f"SELECT {_COLUMNS} FROM tasks WHERE queue = :q {where} ORDER BY id LIMIT :n",
                                 {"q": self.queue, "now": now, "n": max(0, limit)}).fetchall()
         return [self._info(row, now) for row in rows]
@@ -521,7 +524,7 @@ class SqliteBackend(Backend):
         with self._read() as conn:
             row = conn.execute(f"SELECT {_COLUMNS} FROM tasks WHERE queue = ? AND id = ?",
                                (self.queue, int(task_id))).fetchone()
-        return None if row is None else self._info(row, time.time())
+        return None if row is None else self._info(row, self._clock())
 
     @staticmethod
     def _ids(task_ids: Sequence[str]) -> list[int]:
@@ -538,7 +541,7 @@ class SqliteBackend(Backend):
     def requeue_dead(self, task_ids: Sequence[str] | None = None) -> int:
         sql = ("UPDATE tasks SET visible_at = ?, attempt = 0, dead_reason = '' "
                "WHERE queue = ? AND visible_at IS NULL")
-        params = (time.time(), self.queue)
+        params = (self._clock(), self.queue)
         with self._write() as conn:
             if task_ids is None:
                 return conn.execute(sql, params).rowcount

@@ -4,6 +4,7 @@ a real SQLite queue; faults from ``children/backends/faulty.py`` through the que
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import http.server
 import os
@@ -281,3 +282,126 @@ def test_callable_returning_a_wrong_type_is_retried_then_dead_lettered(tmp_path:
     assert dead[b"dict"].last_error == "callable returned dict; expected bytes, str or None"
     assert dead[b"int"].last_error == "callable returned int; expected bytes, str or None"
     assert all(t.attempt == 3 and t.dead_reason for t in dead.values()), dead
+
+
+# -- a callable that holds the GIL, one that leaks ----------------------------------------------
+
+def dead_tasks(config: Path) -> dict[bytes, Any]:
+    cfg = load(config)
+    with open_backend(cfg.queue.url, cfg.queue.name, cfg.base_dir) as backend:
+        return {bytes(t.payload): t for t in backend.list_tasks(TaskState.DEAD)}
+
+
+def test_callable_blocking_the_gil_is_killed_by_the_heartbeat_retried_then_dead_lettered(
+        tmp_path: Path) -> None:
+    """``gil:60`` sleeps in C holding the GIL: the executor's heartbeat thread stops, the root kills
+    it after heartbeat_timeout_secs (a crash, counted), the leaser releases the task with the
+    attempt counted, and after max_attempts it is dead. The other tasks all run, once."""
+    config = write_config(tmp_path, executors={"count": 2},
+                          supervisor={"heartbeat_secs": 0.2, "heartbeat_timeout_secs": 1.5},
+                          retry={"max_attempts": 2})
+    record = tmp_path / "runs.txt"
+    others = 40
+    enqueue(config, ["gil:60"] + ["sleep:0.02"] * others)
+    with RunningTree(config, record, burst=True) as tree:
+        assert tree.wait_exit(timeout=60) == 0, tree.output()
+        output = tree.output()
+    assert settled(config, dead=1)
+    assert output.count("reason=heartbeat timeout (1.5s): killing it") == 2, output  # one per attempt
+    (dead,) = dead_tasks(config).values()
+    assert bytes(dead.payload) == b"gil:60" and dead.attempt == 2, dead
+    runs = records(record)
+    (blocker,) = [task for task, line in _payloads(record).items() if line == "gil:60"]
+    assert runs.pop(blocker) == 2
+    assert len(runs) == others and set(runs.values()) == {1}, runs
+
+
+def _payloads(record: Path) -> dict[str, str]:
+    """Task id -> the payload it recorded (its first 40 bytes)."""
+    import ast
+
+    return {line.split(" ", 1)[0]: ast.literal_eval(line.split(" ", 3)[3]).decode()
+            for line in record.read_text().splitlines()}
+
+
+def test_callable_leaking_memory_recycles_its_executor_without_using_up_the_intensity(
+        tmp_path: Path) -> None:
+    """Each ``leak:48`` task keeps 48 MB alive; past ``max_memory_mb`` the executor finishes the task
+    that crossed the line, exits EXIT_RECYCLE and is started again. Intensity 1 would make the root
+    give up on a second crash, so several recycles prove none counted; every task ran exactly once."""
+    config = write_config(tmp_path, executors={"count": 1, "max_memory_mb": 160},
+                          supervisor={"intensity": 1, "period_secs": 60})
+    record = tmp_path / "runs.txt"
+    count = 12
+    enqueue(config, ["leak:48"] * count)
+    with RunningTree(config, record, burst=True) as tree:
+        assert tree.wait_exit(timeout=90) == 0, tree.output()
+        output = tree.output()
+    assert settled(config)
+    runs = records(record)
+    assert len(runs) == count and set(runs.values()) == {1}, runs
+    per_pid = collections.Counter(line.split()[2] for line in record.read_text().splitlines())
+    # 12 × 48 MB cannot fit under 160 MB: several incarnations, each retiring after a few tasks
+    assert len(per_pid) >= 3 and max(per_pid.values()) <= 4, per_pid
+    # every incarnation but perhaps the last retired for memory, none for anything else
+    assert output.count("retiring: max_memory_mb reached") >= len(per_pid) - 1, output
+    assert "recycled" in output and "abnormal" not in output, output
+
+
+# -- output_url that refuses, that hangs ----------------------------------------------------------
+
+@pytest.fixture
+def refusing_url() -> str:
+    with socket.socket() as probe:  # a port that was free a moment ago and has no listener now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/out/"
+
+
+@pytest.fixture
+def hanging_url() -> Iterator[str]:
+    """A sink that accepts connections and never answers (nor reads)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError, OSError):
+                held.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}/out/"
+    stop.set()
+    thread.join(5)
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+@pytest.mark.parametrize("sink_kind", ["refusing", "hanging"])
+def test_output_url_refusing_or_hanging_is_retried_not_acked_then_dead_lettered(
+        tmp_path: Path, sink_kind: str, request: pytest.FixtureRequest) -> None:
+    """Beside the 500 case (test_pipeline_e2e.py): a closed port and a sink that never answers. The
+    task ran, but its output was not delivered, so it is not acked: retried, then dead-lettered
+    after max_attempts with the error kept. The POST's timeout is timeout_secs (here 1 s; clamped to
+    1..60 s, children/executor.py), and it blocks the executor loop for that long."""
+    url = request.getfixturevalue(f"{sink_kind}_url")
+    config = write_config(tmp_path, executors={"count": 1, "output_url": url, "timeout_secs": 1},
+                          retry={"max_attempts": 2})
+    record = tmp_path / "runs.txt"
+    enqueue(config, ["echo:x", "echo:y"])
+    with RunningTree(config, record, burst=True) as tree:
+        assert tree.wait_exit(timeout=60) == 0, tree.output()
+    assert settled(config, dead=2)
+    runs = records(record)
+    assert len(runs) == 2 and set(runs.values()) == {2}, runs  # each ran max_attempts times
+    expected = "Connection refused" if sink_kind == "refusing" else "timed out"
+    for task in dead_tasks(config).values():
+        assert task.attempt == 2, task
+        assert task.last_error.startswith("output_url failed") and expected in task.last_error, task
+        assert task.last_error in task.dead_reason, task
