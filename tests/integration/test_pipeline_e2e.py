@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration import e2e_funcs
 from tests.integration.harness import (
     RunningTree,
     enqueue,
@@ -30,6 +31,15 @@ pytestmark = pytest.mark.timeout(180)
 def drained(config: Path) -> bool:
     stats = queue_stats(config)
     return stats.ready == 0 and stats.leased == 0 and stats.delayed == 0
+
+
+def dead_tasks(config: Path) -> list:
+    from children.backends import TaskState, open_backend
+    from config import load
+
+    cfg = load(config)
+    with open_backend(cfg.queue.url, cfg.queue.name, cfg.base_dir) as backend:
+        return backend.list_tasks(TaskState.DEAD)
 
 
 def test_burst_drains_10k_tasks_each_run_once(tmp_path):
@@ -123,20 +133,30 @@ def test_a_failed_command_is_reported_with_the_end_of_its_own_stderr(tmp_path):
 
 
 def test_failing_task_is_retried_with_backoff_then_dead_lettered_and_flaky_succeeds(tmp_path):
-    config = write_config(tmp_path, retry={"max_attempts": 3, "backoff_secs": 0.05})
+    backoff = 0.2  # release delays are backoff·2^(attempt-1)·U(1,2): 0.2-0.4 s, then 0.4-0.8 s
+    config = write_config(tmp_path, executors={"callable": "e2e_funcs:timed"},
+                          retry={"max_attempts": 3, "backoff_secs": backoff, "backoff_max_secs": 10})
     record = tmp_path / "runs.txt"
     enqueue(config, ["fail", "flaky:3", "ok"])
     with RunningTree(config, record, burst=True) as tree:
         assert tree.wait_exit(timeout=60) == 0, tree.output()
-    lines = [line.split() for line in record.read_text().splitlines()]
-    attempts = {}
-    for _task_id, attempt, _pid, payload in lines:
-        attempts.setdefault(payload, []).append(int(attempt))
-    assert attempts["b'fail'"] == [1, 2, 3]
-    assert attempts["b'flaky:3'"] == [1, 2, 3]
-    assert attempts["b'ok'"] == [1]
+    by_payload: dict[str, list[e2e_funcs.Run]] = {}
+    for run in e2e_funcs.runs(record):
+        by_payload.setdefault(run.payload, []).append(run)
+    for payload in ("fail", "flaky:3"):
+        attempts = sorted(by_payload[payload], key=lambda run: run.attempt)
+        assert [run.attempt for run in attempts] == [1, 2, 3], payload
+        for before, after in zip(attempts, attempts[1:], strict=False):
+            # a lower bound from the config, not a timing of the tree: attempt n+1 may not start
+            # before attempt n's failure was released with its backoff
+            floor = backoff * 2 ** (before.attempt - 1)
+            assert after.start - before.end >= floor, (payload, before, after)
+    assert [run.attempt for run in by_payload["ok"]] == [1]
     stats = queue_stats(config)
     assert (stats.ready, stats.leased, stats.delayed, stats.dead) == (0, 0, 0, 1)
+    (dead,) = dead_tasks(config)
+    assert dead.payload == b"fail" and dead.attempt == 3
+    assert dead.dead_reason == "failed 3 attempts; last error: RuntimeError: failing on purpose (attempt 3)"
 
 
 def test_task_that_kills_its_executor_ends_in_dead_letter_and_the_rest_run(tmp_path):
@@ -145,10 +165,17 @@ def test_task_that_kills_its_executor_ends_in_dead_letter_and_the_rest_run(tmp_p
     enqueue(config, ["crash"] + ["ok"] * 50)
     with RunningTree(config, record, burst=True) as tree:
         assert tree.wait_exit(timeout=90) == 0, tree.output()
+    lines = [line.split() for line in record.read_text().splitlines()]
+    (crash_id,) = {task_id for task_id, _attempt, _pid, payload in lines if payload == "b'crash'"}
+    assert [int(attempt) for task_id, attempt, _pid, _ in lines if task_id == crash_id] == [1, 2, 3]
     runs = records(record)
-    assert len(runs) == 51
+    others = {task_id: count for task_id, count in runs.items() if task_id != crash_id}
+    assert len(others) == 50 and set(others.values()) == {1}, "an innocent task ran twice or never"
     stats = queue_stats(config)
     assert (stats.ready, stats.leased, stats.delayed, stats.dead) == (0, 0, 0, 1)
+    (dead,) = dead_tasks(config)
+    assert dead.task_id == crash_id and dead.attempt == 3
+    assert dead.dead_reason.startswith("failed 3 attempts; last error: executor died"), dead.dead_reason
 
 
 def test_command_past_its_timeout_is_killed_with_its_children(tmp_path):
@@ -251,13 +278,21 @@ def test_two_trees_on_one_queue_one_killed_the_other_finishes(tmp_path):
     first = write_config(tmp_path, "a.toml", leaser={"lease_secs": 2})
     second = write_config(tmp_path, "b.toml", leaser={"lease_secs": 2})
     record = tmp_path / "runs.txt"
-    total = 300
-    enqueue(first, ["sleep:0.01"] * total)
+    total = 300  # about 1.5 s of work for four executors
     with RunningTree(first, record) as a, RunningTree(second, record) as b:
+        a.wait_ready()
+        b.wait_ready()
+        a_pids = set(a.child_pids().values())
+        enqueue(first, ["sleep:0.02"] * total)  # both trees are up: both get a share
         wait_until(lambda: len(records(record)) >= 30, 30, "work to start")
-        a.process.send_signal(signal.SIGKILL)
+        a.process.send_signal(signal.SIGKILL)  # the root: the whole tree goes with it
+        a.process.wait(timeout=10)
+        wait_until(lambda: a.leftovers() == [], 10, "every process of the killed tree to be gone")
+        assert len(records(record)) < total, "tree a was killed after the work was done"
         wait_until(lambda: drained(second), 90, "tree b to finish everything")
-        assert b.process.poll() is None
+        assert b.process.poll() is None, b.output()
+    runners = {int(line.split()[2]) for line in record.read_text().splitlines()}
+    assert runners & a_pids and runners - a_pids, "both trees should have run tasks"
     assert len(records(record)) == total
     assert queue_stats(second).dead == 0
 

@@ -1,9 +1,9 @@
 """Security: private sockets, no unpickling, no shell, no secrets in output, dropping root.
 
-The permission tests need two users: they run as root and fork a child that drops to ``nobody``
-(``supervisor.privileges.drop_privileges``), so every check is the kernel's real one. Each negative
-check has a positive control (the same probe succeeds where the modes allow it), so a probe that
-could never succeed proves nothing and would fail the control.
+The permission tests need two users (marked ``needs_root``): they run as root and fork a child that
+drops to ``nobody`` (``supervisor.privileges.drop_privileges``), so every check is the kernel's real
+one. Each negative check has a positive control (the same probe succeeds where the modes allow
+it), so a probe that could never succeed proves nothing and would fail the control.
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ from supervisor.privileges import PrivilegeError, chown_for, drop_privileges, re
 from supervisor.rundir import RuntimeDirError, runtime_dir
 from tests.integration.harness import RunningTree, enqueue, supervise, wait_until, write_config
 
-pytestmark = [pytest.mark.timeout(90),
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to a second uid")]
+pytestmark = pytest.mark.timeout(90)
+
+#: on each test that forks a child dropped to a second uid, or chowns to one; the rest run as anyone
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to a second uid")
 
 ROOT = Path(__file__).resolve().parents[2]
 NOBODY = pwd.getpwnam("nobody")
@@ -144,6 +146,7 @@ def echo_server(open_tmp: Path) -> Iterator[Callable[[int, int], str]]:
 
 # -- the runtime dir and its sockets -------------------------------------------------------------
 
+@needs_root
 @pytest.mark.parametrize("dir_mode, socket_mode, reachable", [
     (0o700, 0o777, False),  # the private dir alone keeps nobody out
     (0o755, 0o600, False),  # the 0600 socket alone keeps nobody out
@@ -158,6 +161,7 @@ def test_second_uid_cannot_connect_to_a_private_socket(echo_server, dir_mode: in
     assert raw == ("connected" if reachable else "EACCES")
 
 
+@needs_root
 def test_runtime_dir_is_0700_and_owned_by_the_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     folder = runtime_dir(tmp_path / "tree.toml")
@@ -172,6 +176,7 @@ def test_runtime_dir_is_0700_and_owned_by_the_user(tmp_path: Path, monkeypatch: 
         runtime_dir(tmp_path / "tree.toml")
 
 
+@needs_root
 def test_running_trees_sockets_are_private(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     with RunningTree(config) as tree:
@@ -255,11 +260,6 @@ def test_no_payload_or_tag_reaches_a_shell(tmp_path: Path) -> None:
 SECRET = "S3cret-" + uuid.uuid4().hex[:10]
 
 
-def _postgres_up() -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", 5432)) == 0
-
-
 def _proc_cmdlines(pids: list[int]) -> str:
     text = []
     for pid in pids:
@@ -270,26 +270,58 @@ def _proc_cmdlines(pids: list[int]) -> str:
     return "\n".join(text)
 
 
-@pytest.mark.skipif(not _postgres_up(), reason="no PostgreSQL on 127.0.0.1:5432")
-def test_queue_url_password_never_printed(tmp_path: Path) -> None:
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _metrics_body(port: int) -> str:
+    import urllib.request
+
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return ""
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_queue_url_password_never_printed(tmp_path: Path, log_format: str) -> None:
+    """check, queue stats, status, top --once, the metrics body, every command line and the tree's
+    debug log in both formats show the URL as ``postgres:***@``, never the password."""
+    from tests.backends import SERVER_URLS, available, require_server
+
+    up, why = available("postgresql")
+    if not up:
+        require_server("postgresql", why)  # fails under CI=true, skips otherwise
     queue = f"sec-{uuid.uuid4().hex[:8]}"
-    url = f"postgresql://postgres:{SECRET}@127.0.0.1:5432/test"  # trust auth: the password is unused
-    config = write_config(tmp_path, queue={"url": url, "name": queue}, log={"level": "debug"})
+    user, _, server = SERVER_URLS["postgresql"].split("://", 1)[1].rpartition("@")
+    user = user.split(":", 1)[0] or "postgres"
+    url = f"postgresql://{user}:{SECRET}@{server}"  # trust auth here: the password is unused
+    port = _free_port()
+    config = write_config(tmp_path, queue={"url": url, "name": queue},
+                          log={"level": "debug", "format": log_format},
+                          metrics={"listen": f"127.0.0.1:{port}"})
     seen = []
     for args in (["check", str(config)], ["queue", "stats", str(config)],
                  ["queue", "stats", str(config), "--json"]):
         result = supervise(*args)
         assert result.returncode == 0, result.stderr.decode()
         seen.append(result.stdout.decode() + result.stderr.decode())
-    assert "postgres:***@127.0.0.1" in seen[0]
+    assert f"{user}:***@" in seen[0]
     enqueue(config, ["ok"] * 20)
     try:
         with RunningTree(config) as tree:
             tree.wait_ready()
-            for args in (["status", str(config)], ["status", str(config), "--json"]):
-                result = supervise(*args)
+            for args in (["status", str(config)], ["status", str(config), "--json"],
+                         ["top", str(config), "--once"]):
+                result = supervise(*args, env=tree.env)
                 assert result.returncode == 0, result.stderr.decode()
                 seen.append(result.stdout.decode() + result.stderr.decode())
+            assert "leaser" in seen[-1]  # top did print the tree
+            body = wait_until(lambda: (b := _metrics_body(port)) and "leasetree_" in b and b, 30,
+                              "the metrics body")
+            seen.append(body)
             seen.append(_proc_cmdlines([tree.process.pid, *tree.leftovers()]))
             tree.signal(signal.SIGTERM)
             assert tree.wait_exit(timeout=30) == 0, tree.output()
@@ -299,7 +331,10 @@ def test_queue_url_password_never_printed(tmp_path: Path) -> None:
 
         with open_backend(url, queue) as backend:
             backend.purge()
-    assert "starting" in seen[-1]  # the log did get written
+    log = seen[-1]
+    assert "starting" in log and f"{user}:***@" in log  # the log did get written, URL and all
+    if log_format == "json":
+        assert all(json.loads(line)["message"] is not None for line in log.splitlines()), log
     for text in seen:
         assert SECRET not in text, text
 
@@ -345,6 +380,7 @@ def _regain_root() -> str:
     return "regained"
 
 
+@needs_root
 def test_drop_to_nobody_sets_every_id_for_good(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/0")
     ids = in_child(_ids, "nobody")
@@ -354,6 +390,7 @@ def test_drop_to_nobody_sets_every_id_for_good(monkeypatch: pytest.MonkeyPatch) 
     assert in_child(_regain_root, "nobody") == "refused"
 
 
+@needs_root
 def test_drop_by_numeric_ids_and_to_another_group() -> None:
     ids = in_child(_ids, str(NOBODY.pw_uid), "root")
     assert (ids["uid"], ids["gid"], ids["egid"]) == (NOBODY.pw_uid, 0, 0)
@@ -361,12 +398,14 @@ def test_drop_by_numeric_ids_and_to_another_group() -> None:
     assert (group_only["uid"], group_only["gid"], group_only["groups"]) == (0, NOBODY.pw_gid, [NOBODY.pw_gid])
 
 
+@needs_root
 def test_drop_is_a_no_op_when_empty_or_already_there() -> None:
     assert in_child(_ids)["uid"] == 0  # "" and "": stays root
     # already nobody: asking for nobody again is fine even without root
     assert in_child(lambda: (drop_privileges("nobody", ""), os.getuid())[1], "nobody") == NOBODY.pw_uid
 
 
+@needs_root
 def test_drop_refuses_without_root_and_unknown_names() -> None:
     with pytest.raises(AssertionError, match=r"PrivilegeError: supervisor.user = 'root': switching user or "
                                              r"group needs root, and this runs as uid 65534"):
@@ -378,6 +417,7 @@ def test_drop_refuses_without_root_and_unknown_names() -> None:
     assert os.getuid() == 0  # a refused drop changed nothing here
 
 
+@needs_root
 def test_chown_for_hands_a_folder_to_the_user(open_tmp: Path) -> None:
     folder = open_tmp / "rundir"
     (folder / "work").mkdir(parents=True)
@@ -397,6 +437,7 @@ def test_chown_for_hands_a_folder_to_the_user(open_tmp: Path) -> None:
         in_child(lambda: chown_for(folder, "nobody", ""), "nobody")
 
 
+@needs_root
 def test_tree_started_as_root_with_a_user_runs_every_task_unprivileged() -> None:
     import pwd
     import shutil
