@@ -29,7 +29,6 @@ from supervisor.exits import EXIT_GAVE_UP, EXIT_OK, EXIT_USAGE
 from supervisor.logconfig import setup_logging
 from supervisor.rundir import RuntimeDirError, runtime_dir
 from supervisor.spec import ChildSpec, SupervisorStart, SupFlags
-from supervisor.sweep import TREE_VAR, new_token
 
 log = logging.getLogger("root")
 
@@ -146,9 +145,6 @@ def run(cfg: Config, burst: bool = False) -> int:
         print(f"supervise: {exc}", file=sys.stderr)
         return EXIT_USAGE
     flags, children = build_tree(cfg, burst)
-    # Mark every descendant: if this process dies, even by SIGKILL, the tree's guard
-    # (supervisor/runner.py) kills every process that carries the mark.
-    os.environ[TREE_VAR] = new_token()
     log.info("starting: queue %s (%s), %d executors, runtime dir %s", redact_url(cfg.queue.url),
              cfg.queue.name, executor_count(cfg), folder)
     probe = QueueProbe(cfg.queue.url, cfg.queue.name, cfg.base_dir) if cfg.metrics.listen else None

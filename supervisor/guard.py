@@ -92,10 +92,6 @@ class GroupGuard:
             os.close(pidfd)
 
 
-class _GuardExit(Exception):
-    pass
-
-
 def main() -> None:  # pragma: no cover - runs in the guard process
     _serve(int(sys.argv[2]), int(sys.argv[3]))
 
@@ -103,22 +99,26 @@ def main() -> None:  # pragma: no cover - runs in the guard process
 def _serve(read_fd: int, root_pid: int) -> None:  # pragma: no cover - runs in the guard process
     groups: set[int] = set()
     try:
-        def die(signum: int, frame: object) -> None:
-            raise _GuardExit
-
+        # A signal only wakes the select below (its handler does nothing; the wakeup fd carries
+        # it): raising from the handler could abandon lines still in the pipe -- a group the root
+        # tracked just before it died, which a starved guard had not read yet, would then live on.
+        wake_r, wake_w = os.pipe()
+        for fd in (wake_r, wake_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(wake_w)
         for signum in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(signum, die)
+            signal.signal(signum, lambda signum, frame: None)
         for signum in (signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)
         set_parent_death_signal(signal.SIGUSR1)
-        if os.getppid() != root_pid:
-            # The root died while this interpreter started: take what it had written, then kill.
-            os.set_blocking(read_fd, False)
-            _read_lines(read_fd, groups)
-            raise _GuardExit
-        _read_lines(read_fd, groups)
-    except _GuardExit:
-        pass
+        os.set_blocking(read_fd, False)
+        pending = bytearray()
+        # The root may have died while this interpreter started (then no signal comes): look first.
+        while os.getppid() == root_pid:
+            readable = select.select([read_fd, wake_r], [], [])[0]
+            if wake_r in readable or _read_lines(read_fd, groups, pending):
+                break
+        _read_lines(read_fd, groups, pending)  # whatever the root wrote before it died
     finally:
         for pgid in groups:
             try:
@@ -133,19 +133,22 @@ def _serve(read_fd: int, root_pid: int) -> None:  # pragma: no cover - runs in t
         os._exit(0)
 
 
-def _read_lines(read_fd: int, groups: set[int]) -> None:
-    """Apply the pipe's lines until ``x``, end of file, or (non-blocking) nothing more to read."""
-    pending = b""
+def _read_lines(read_fd: int, groups: set[int], pending: bytearray) -> bool:
+    """Apply the pipe's lines until nothing more can be read without blocking; True on ``x`` or at
+    end of file (the root is gone or done: kill what is tracked and exit). ``pending`` keeps a
+    line cut by the end of one read for the next call."""
     while True:
         try:
             data = os.read(read_fd, 4096)
         except BlockingIOError:
-            return
+            return False
         if not data:
-            return
-        *lines, pending = (pending + data).split(b"\n")
-        if apply_lines(lines, groups):
-            return
+            return True
+        pending += data
+        *lines, rest = pending.split(b"\n")
+        pending[:] = rest
+        if apply_lines([bytes(line) for line in lines], groups):
+            return True
 
 
 def apply_lines(lines: list[bytes], groups: set[int]) -> bool:

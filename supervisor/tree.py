@@ -37,6 +37,7 @@ from supervisor.rates import Rates
 from supervisor.reasons import abnormal
 from supervisor.runner import ProcessRunner
 from supervisor.spec import ChildSpec, SupervisorStart, SupFlags
+from supervisor.sweep import TREE_VAR, new_token
 
 log = logging.getLogger("root")  # its place in the tree
 
@@ -101,7 +102,16 @@ class Tree:
     def run(self) -> int:
         if control.is_listening(self.runtime_dir):
             raise TreeAlreadyRunning(f"a tree is already running in {self.runtime_dir}")
-        guard = GroupGuard()  # first: nothing can have been started that it should have tracked
+        # Mark every descendant before anything is started: if this process dies, even by SIGKILL,
+        # the guard kills every process that carries the mark (supervisor/sweep.py). A fresh mark
+        # per tree, so a tree started by a task of another tree sweeps only its own.
+        outer_mark = os.environ.get(TREE_VAR)
+        os.environ[TREE_VAR] = new_token()
+        try:
+            guard = GroupGuard()  # first: nothing can have been started that it should have tracked
+        except BaseException:
+            _restore_mark(outer_mark)
+            raise
         zctx = zmq.Context()
         wake_r, wake_w = os.pipe()
         for fd in (wake_r, wake_w):
@@ -136,6 +146,7 @@ class Tree:
                 metrics.close()
             self.notifier.close()
             guard.close()
+            _restore_mark(outer_mark)
             signal.set_wakeup_fd(old_wakeup)
             for signum, handler in old_handlers.items():
                 signal.signal(signum, handler)
@@ -400,3 +411,10 @@ class Tree:
         if self._reload_pending:
             origin, self._reload_pending = self._reload_pending, ""
             self._reload(origin)
+
+
+def _restore_mark(outer: str | None) -> None:
+    if outer is None:
+        os.environ.pop(TREE_VAR, None)
+    else:
+        os.environ[TREE_VAR] = outer

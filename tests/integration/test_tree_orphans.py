@@ -47,6 +47,21 @@ def rundir():
     shutil.rmtree(path, ignore_errors=True)
 
 
+def survivors(pids: set[int]) -> list[str]:
+    """The pids still alive, each with its state and command line (for the failure message)."""
+    out = []
+    for pid in sorted(p for p in pids if pid_alive(p)):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        out.append(f"{pid} {state} {cmd[:80]}")
+    return out
+
+
 def start_root(rundir: Path) -> tuple[subprocess.Popen, set[int]]:
     pidfile = rundir / "sleeper.pids"
     root = subprocess.Popen([sys.executable, "-m", "tests.integration.workers", str(rundir), str(pidfile)],
@@ -67,8 +82,10 @@ def test_kill_9_of_the_root_leaves_nothing_behind(rundir: Path) -> None:
     assert len(everything) >= 10
     os.kill(root.pid, signal.SIGKILL)
     root.wait()
-    wait_until(lambda: not [p for p in everything if pid_alive(p)], 5.0,
-               what=f"every process of the tree to die: {sorted(everything)}")
+    try:
+        wait_until(lambda: not survivors(everything), 5.0, what="every process of the tree to die")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; alive: {survivors(everything)}") from None
 
 
 @pytest.mark.timeout(40)
