@@ -20,6 +20,7 @@ import zmq
 
 from children import protocol as p
 from children.backends import Backend, BackendError, BackendUnavailable, Leased, Outcome, open_backend
+from children.backends.deferred import open_when_possible
 from children.ledger import Ledger, Policy
 from children.ratelimit import host_share
 from children.retry import dead_reason
@@ -132,8 +133,12 @@ class Leaser:
         self.idle_cap = float(lc.idle_poll_secs)
         self.tag = lc.tag or None
         self.stats_for_leases: dict[str, Any] = {}  # the lease thread's own counters (no sharing)
-        self.backend = open_backend(cfg.queue.url, cfg.queue.name, cfg.base_dir)
-        self.leases = LeaseThread(instrument(open_backend(cfg.queue.url, cfg.queue.name, cfg.base_dir),
+        def opener() -> Backend:
+            return open_backend(cfg.queue.url, cfg.queue.name, cfg.base_dir)
+
+        # never a failed start over the queue: see children/backends/deferred.py
+        self.backend = open_when_possible(opener, self.log, "leaser")
+        self.leases = LeaseThread(instrument(open_when_possible(opener, self.log, "lease thread"),
                                              self.stats_for_leases))
         self.ledger = Ledger(Policy(self.lease_secs, float(lc.max_lease_secs), int(cfg.retry.max_attempts),
                                     resend_secs=max(2.0, 20 * float(cfg.reaper.max_latency_ms) / 1000.0),
@@ -310,10 +315,11 @@ class Leaser:
             delay = min(MAX_ERROR_BACKOFF_SECS, 0.1 * 2 ** min(count, 10))
             self.next_lease_at = now + delay
         if count in (1, 10) or count % 100 == 0:
-            self.log.warning("backend %s failed (%d in a row), retrying in %.2fs: %s",
-                             call, count, delay, exc)
-        if not isinstance(exc, BackendUnavailable):
-            self.log.error("backend %s: %s", call, exc)
+            # a permanent-looking fault (BackendConfigError: a file made read-only under us) is an
+            # error, not a warning, but is backed off all the same: the operator repairs it
+            level = logging.WARNING if isinstance(exc, BackendUnavailable) else logging.ERROR
+            self.log.log(level, "backend %s failed (%d in a row), retrying in %.2fs: %s",
+                         call, count, delay, exc)
 
     # -- peers -------------------------------------------------------------------------------
     def send(self, peer: str, message: p.Message) -> bool:

@@ -18,7 +18,8 @@ from typing import Any
 import zmq
 
 from children import protocol as p
-from children.backends import BackendUnavailable, Outcome, open_backend
+from children.backends import BackendError, BackendUnavailable, Outcome, open_backend
+from children.backends.deferred import open_when_possible
 from children.batcher import Batcher
 from children.inbox import waiting_messages
 from children.ratelimit import host_share
@@ -42,7 +43,9 @@ class Reaper:
         self.ctx = ctx
         self.cfg = cfg
         self.log = logging.getLogger(getattr(ctx, "path", "reaper"))
-        self.backend = open_backend(cfg.queue.url, cfg.queue.name, cfg.base_dir)
+        # never a failed start over the queue: see children/backends/deferred.py
+        self.backend = open_when_possible(
+            lambda: open_backend(cfg.queue.url, cfg.queue.name, cfg.base_dir), self.log, "reaper")
         self.batch = Batcher(int(cfg.reaper.batch_size), float(cfg.reaper.max_latency_ms) / 1000.0)
         self.bucket = host_share(float(cfg.leaser.requests_per_sec))
         self.rng = random.Random()
@@ -133,12 +136,16 @@ class Reaper:
                 chunk = group[start:start + cap]
                 try:
                     results = self.call(action, chunk)
-                except BackendUnavailable as exc:
+                except BackendError as exc:
+                    # a permanent-looking fault too (a file made read-only under us): the items
+                    # wait with backoff rather than the reaper crash-looping through its restarts
                     self.stats["backend_errors_total"] += 1
                     self.errors_in_row += 1
                     if self.errors_in_row in (1, 10) or self.errors_in_row % 100 == 0:
                         self.log.warning("backend %s failed (%d in a row), will retry: %s",
                                          action, self.errors_in_row, exc)
+                    if not isinstance(exc, BackendUnavailable) and self.errors_in_row in (1, 10):
+                        self.log.error("backend %s: %s", action, exc)
                     failed.extend(chunk)
                     continue
                 self.errors_in_row = 0

@@ -198,6 +198,7 @@ class Supervisor:
                 continue
             if child.ref in self._dead:  # it exited on its own while we were busy
                 results[child.name] = self._dead.pop(child.ref)
+                self._log_stopped(child, results[child.name])  # its own reason, not the stop's
                 self._cleared(child)
                 continue
             pending.add(child.ref)

@@ -168,9 +168,15 @@ def test_task_that_kills_its_executor_ends_in_dead_letter_and_the_rest_run(tmp_p
     lines = [line.split() for line in record.read_text().splitlines()]
     (crash_id,) = {task_id for task_id, _attempt, _pid, payload in lines if payload == "b'crash'"}
     assert [int(attempt) for task_id, attempt, _pid, _ in lines if task_id == crash_id] == [1, 2, 3]
+    crashed = {pid for task_id, _attempt, pid, _ in lines if task_id == crash_id}
     runs = records(record)
     others = {task_id: count for task_id, count in runs.items() if task_id != crash_id}
-    assert len(others) == 50 and set(others.values()) == {1}, "an innocent task ran twice or never"
+    assert len(others) == 50 and set(others.values()) <= {1, 2}, "an innocent task ran 3 times or never"
+    # at least once: an innocent task runs again only if it had finished on an executor that the
+    # crash then killed before its Done went out (docs/guarantees.md §3), never anywhere else
+    for task_id in (t for t, count in others.items() if count == 2):
+        first = next(pid for t, _attempt, pid, _ in lines if t == task_id)
+        assert first in crashed, (task_id, first, crashed)
     stats = queue_stats(config)
     assert (stats.ready, stats.leased, stats.delayed, stats.dead) == (0, 0, 0, 1)
     (dead,) = dead_tasks(config)

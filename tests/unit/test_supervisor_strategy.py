@@ -287,9 +287,6 @@ def test_stop_race() -> None:  # [24]
     assert fake.stopped() == ["c"]  # a and b were already gone: nothing more was terminated
 
 
-@pytest.mark.xfail(strict=True, reason="supervisor/strategy.py _issue: a child that exited by itself "
-                   "during a shutdown has its reason taken from _dead into the job's results, which "
-                   "the shutdown job drops; nothing logs or keeps it")
 def test_stop_race_keeps_each_childs_exit_reason(caplog) -> None:  # [24]
     fake = tree(SupFlags(), [w("a"), w("b"), w("c")])
     fake.hold_stops = True
