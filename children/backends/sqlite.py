@@ -249,7 +249,7 @@ class SqliteBackend(Backend):
 
     def _set_pragmas(self) -> None:
         conn = self._db()
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = self._switch_to_wal(conn)
         if str(mode).lower() != "wal":
             raise BackendConfigError(
                 f"sqlite database {self.path}: cannot use WAL mode (got {mode!r}); use a local disk")
@@ -260,6 +260,23 @@ class SqliteBackend(Backend):
         # Debian builds default to secure_delete=ON, which zeroes a big payload's overflow pages in
         # the WAL on every ack; FAST still zeroes deleted cells, but only where no extra I/O is needed
         conn.execute("PRAGMA secure_delete = FAST")
+
+    def _switch_to_wal(self, conn: sqlite3.Connection) -> str:
+        """``PRAGMA journal_mode = WAL``, waiting out other openers of a new file: the switch
+        needs the file to itself and answers SQLITE_BUSY at once, without the busy handler, when
+        another connection is switching it too (4 threads opening one new file lost about one
+        race in a hundred). On a file already in WAL mode it takes no lock and never waits."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        pause = 0.001
+        while True:
+            try:
+                return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            except sqlite3.OperationalError as exc:
+                code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+                if code not in (_BUSY, _LOCKED) or time.monotonic() > deadline:
+                    raise
+            time.sleep(pause)  # a retry's backoff: the other opener finishes in a millisecond or so
+            pause = min(pause * 2, 0.05)
 
     def _migrate(self) -> None:
         conn = self._db()
