@@ -313,7 +313,16 @@ class NatsBackend(NatsAdmin, Backend):
         return out
 
     async def _deliveries(self, msgs: list[Any]) -> list[Leased]:
-        receipts = [_Receipt(m.reply) for m in msgs]
+        # nats-server 2.9 can hand one pull the same message twice, two deliveries a few ms apart
+        # (seen here after a waiting pull lapsed as the lease expired): keep each task's newest
+        # delivery, the one the fence below will name, so a lease never holds a task twice
+        newest: dict[int, tuple[_Receipt, Any]] = {}
+        for msg in msgs:
+            r = _Receipt(msg.reply)
+            if r.seq not in newest or r.delivery > newest[r.seq][0].delivery:
+                newest[r.seq] = (r, msg)
+        receipts = [r for r, _ in newest.values()]
+        msgs = [msg for _, msg in newest.values()]
         # A fence record exists from a task's first delivery until it is settled, so one here means a
         # redelivery: count it from the record, as nats-server 2.9 can redeliver with num_delivered
         # unchanged (seen when a waiting pull lapses as the lease expires).
