@@ -142,10 +142,9 @@ class Reaper:
                     self.stats["backend_errors_total"] += 1
                     self.errors_in_row += 1
                     if self.errors_in_row in (1, 10) or self.errors_in_row % 100 == 0:
-                        self.log.warning("backend %s failed (%d in a row), will retry: %s",
-                                         action, self.errors_in_row, exc)
-                    if not isinstance(exc, BackendUnavailable) and self.errors_in_row in (1, 10):
-                        self.log.error("backend %s: %s", action, exc)
+                        level = logging.WARNING if isinstance(exc, BackendUnavailable) else logging.ERROR
+                        self.log.log(level, "backend %s failed (%d in a row), will retry: %s",
+                                     action, self.errors_in_row, exc)
                     failed.extend(chunk)
                     continue
                 self.errors_in_row = 0

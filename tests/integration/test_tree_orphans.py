@@ -48,17 +48,15 @@ def rundir():
 
 
 def survivors(pids: set[int]) -> list[str]:
-    """The pids still alive, each with its state and command line (for the failure message)."""
+    """The pids still alive, each with its command line (for the failure message)."""
     out = []
     for pid in sorted(p for p in pids if pid_alive(p)):
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
-            continue
-        out.append(f"{pid} {state} {cmd[:80]}")
+            continue  # gone meanwhile
+        out.append(f"{pid} {cmd[:80]}")
     return out
 
 
